@@ -1,0 +1,259 @@
+"""What every block is: a pydantic config with a few short methods.
+
+A block never sees the optimizer's internals. The pipeline hands it a
+:class:`GroupStep` (the tensors of one param group for this step) and a
+:class:`Direction` (the update being built), and the block declares through
+:meth:`Block.needs` what the step must provide (model outputs, a
+differentiable gradient, layer hooks, a closure to re-evaluate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from precond.optimizer import Optimizer
+
+KINDS = ("curvature", "structure", "transform", "momentum", "step", "decay")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a block needs from the step; the pipeline provides the union."""
+
+    outputs: bool = False  # the model outputs, returned by the closure as (loss, outputs)
+    create_graph: bool = False  # a differentiable gradient (double backward)
+    hooks: bool = False  # forward/backward hooks on the layers (needs an nn.Module)
+    closure: bool = False  # a closure it can call again (line searches, extra passes)
+    model: bool = False  # a functional call of the model (torch.func)
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})
+
+    def names(self) -> list[str]:
+        labels = {
+            "outputs": "model outputs",
+            "create_graph": "a differentiable gradient",
+            "hooks": "layer hooks",
+            "closure": "a closure to re-evaluate",
+            "model": "the model (nn.Module)",
+        }
+        return [labels[f.name] for f in fields(self) if getattr(self, f.name)]
+
+    def need_closure(self) -> bool:
+        """Whether the plain ``loss.backward(); opt.step()`` idiom is not enough."""
+        return self.outputs or self.create_graph or self.closure
+
+
+class Block(BaseModel):
+    """Base of every block: an immutable, validated configuration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def key(self, what: str) -> str:
+        """The per-parameter state key this block stores ``what`` under."""
+        return f"{self.kind}.{what}"
+
+    def describe(self) -> str:
+        """One line for tables: the type and the fields that differ from defaults."""
+        data = self.model_dump(exclude={"type"})
+        args = ", ".join(f"{k}={v}" for k, v in data.items())
+        return f"{self.name}({args})" if args else self.name
+
+
+class Interval(BaseModel):
+    """Mixin: the block acts only on every ``every``-th step, from step ``start``."""
+
+    every: int = Field(1, ge=1, description="act on every k-th step only (amortise expensive work)")
+    start: int = Field(1, ge=1, description="first step (1-based) on which to act")
+
+    def due(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.every == 0
+
+
+@dataclass
+class Direction:
+    """An update under construction: ``coef * tensors / denominator``.
+
+    ``coef`` is a float or one float per tensor, and ``denominator`` an
+    optional list of tensors; keeping both symbolic lets a bias correction,
+    the learning rate and a diagonal preconditioner fold into one final
+    ``addcdiv_`` (as torch.optim's Adam does). ``owned`` says whether
+    ``tensors`` belong to the pipeline (may be changed in place) or are
+    someone's state (a momentum buffer, ``p.grad``).
+    """
+
+    tensors: list[torch.Tensor]
+    coef: float | list[float] = 1.0
+    owned: bool = False
+    denominator: list[torch.Tensor] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No pending coefficient or denominator: ``tensors`` is the direction."""
+        return self.denominator is None and self.coef == 1.0
+
+    def scaled(self, c: float | list[float]) -> Direction:
+        return Direction(self.tensors, _mul(self.coef, c), self.owned, self.denominator)
+
+    def materialize(self) -> Direction:
+        """The same direction as plain tensors the pipeline owns."""
+        tensors, owned = self.tensors, self.owned
+        if self.denominator is not None:
+            tensors, owned = list(torch._foreach_div(tensors, self.denominator)), True
+        if self.coef == 1.0:
+            return Direction(tensors, 1.0, True) if owned else Direction([t.clone() for t in tensors], 1.0, True)
+        if owned:
+            torch._foreach_mul_(tensors, self.coef)
+            return Direction(tensors, 1.0, True)
+        return Direction(list(torch._foreach_mul(tensors, self.coef)), 1.0, True)
+
+
+def _mul(a: float | list[float], b: float | list[float]) -> float | list[float]:
+    if isinstance(a, list) or isinstance(b, list):
+        n = len(a) if isinstance(a, list) else len(b)  # type: ignore[arg-type]
+        aa = a if isinstance(a, list) else [a] * n
+        bb = b if isinstance(b, list) else [b] * n
+        return [x * y for x, y in zip(aa, bb)]
+    return a * b
+
+
+def uniform(values: list[float]) -> float | list[float]:
+    """A list of per-tensor scalars, collapsed to one float when all are equal."""
+    first = values[0]
+    return first if all(v == first for v in values) else values
+
+
+@dataclass
+class GroupStep:
+    """The tensors of one param group for one ``step()`` call."""
+
+    optimizer: Optimizer
+    group: dict[str, Any]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[dict[str, Any]]
+    steps: list[int]  # per-parameter step counts, after this step's increment
+    step: int  # the optimizer's global step count (1-based)
+    graph_grads: list[torch.Tensor] | None = None  # differentiable gradients, when a block needs them
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def gathered(self, key: str) -> list[torch.Tensor]:
+        return [s[key] for s in self.states]
+
+    @property
+    def lr(self) -> float:
+        return float(self.group["lr"])
+
+
+# --- the kinds -----------------------------------------------------------------------------
+
+
+class Curvature(Block, Interval):
+    """Estimates the curvature; ``fills`` names the structures it can fill."""
+
+    kind: ClassVar[str] = "curvature"
+    fills: ClassVar[frozenset[str]] = frozenset()
+
+    def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
+        raise NotImplementedError(f"curvature '{self.name}' cannot fill a diagonal structure")
+
+
+@dataclass
+class DiagonalEstimate:
+    """A diagonal curvature estimate, ``values`` or the squares of ``roots``.
+
+    Giving ``roots`` (e.g. the gradient for the empirical Fisher ``g*g``) lets
+    the structure accumulate with one fused ``addcmul`` and no temporary.
+    ``scale`` multiplies the estimate (e.g. a batch-size factor).
+    """
+
+    values: list[torch.Tensor] | None = None
+    roots: list[torch.Tensor] | None = None
+    scale: float = 1.0
+
+
+class Structure(Block):
+    """Stores the curvature and applies spectral transforms to directions."""
+
+    kind: ClassVar[str] = "structure"
+    form: ClassVar[str] = ""
+
+    def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+        """Create this block's per-parameter state (called once per parameter)."""
+
+    def update(self, ctx: GroupStep, curvature: Curvature) -> None:
+        raise NotImplementedError
+
+    def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
+        raise NotImplementedError
+
+    def supports(self, transform: Transform) -> bool:
+        """Whether ``transform`` knows how to act on this structure (a method named after ``form``)."""
+        return callable(getattr(transform, self.form, None))
+
+
+class Transform(Block, Interval):
+    """A function of the curvature applied to the direction, or a map of the direction.
+
+    ``spectral`` transforms (``inverse``, ``inverse_root``) act through a
+    structure; the others (``clip``, ``identity``) act on the direction alone.
+    """
+
+    kind: ClassVar[str] = "transform"
+    spectral: ClassVar[bool] = False
+    linear: ClassVar[bool] = True  # commutes with a scalar coefficient
+
+    def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
+        raise NotImplementedError
+
+
+class Momentum(Block):
+    kind: ClassVar[str] = "momentum"
+
+    def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+        """Create this block's per-parameter state (called once per parameter)."""
+
+    def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
+        raise NotImplementedError
+
+
+class Step(Block):
+    """Chooses the step length and moves the parameters."""
+
+    kind: ClassVar[str] = "step"
+
+    def apply(self, ctxs: list[GroupStep], directions: list[Direction]) -> None:
+        raise NotImplementedError
+
+
+class Decay(Block):
+    """Weight decay: on the gradient (``l2``) or on the parameters (``decoupled``)."""
+
+    kind: ClassVar[str] = "decay"
+
+    def gradient(self, ctx: GroupStep) -> None:
+        """Adjust ``ctx.grads`` before any curvature or momentum sees them."""
+
+    def parameters(self, ctx: GroupStep) -> None:
+        """Adjust ``ctx.params`` right before the update is applied."""
+
+
+KIND_BASES: dict[str, type[Block]] = {
+    "curvature": Curvature,
+    "structure": Structure,
+    "transform": Transform,
+    "momentum": Momentum,
+    "step": Step,
+    "decay": Decay,
+}

@@ -1,0 +1,77 @@
+"""What a recipe assembles into: blocks, hyperparameters, needs, state memory and step time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from precond.optimizer import Optimizer
+from precond.recipe import Recipe
+
+
+def demo_model(spec: str = "mlp:32,64,10", seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``mlp:IN,HIDDEN...,OUT``: a tanh MLP with a random classification batch of 64."""
+    kind, _, dims_text = spec.partition(":")
+    if kind != "mlp" or not dims_text:
+        raise ValueError(f"model spec {spec!r}: expected mlp:IN,HIDDEN,...,OUT (e.g. mlp:32,64,10)")
+    try:
+        dims = [int(d) for d in dims_text.split(",")]
+    except ValueError:
+        raise ValueError(f"model spec {spec!r}: the sizes must be integers, e.g. mlp:32,64,10") from None
+    if len(dims) < 2 or min(dims) < 1:
+        raise ValueError(f"model spec {spec!r}: give at least an input and an output size, all positive")
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.Tanh())
+    torch.manual_seed(seed)
+    model = nn.Sequential(*layers)
+    x = torch.randn(64, dims[0], generator=gen)
+    y = torch.randint(0, dims[-1], (64,), generator=gen)
+    return model, x, y
+
+
+@dataclass
+class Summary:
+    recipe: Recipe
+    blocks: list[tuple[str, str, str]]  # (path, block, needs)
+    hyper: dict[str, Any]
+    needs: list[str]
+    params: int
+    state_bytes: int
+    param_bytes: int
+    ms_per_step: float
+
+    @property
+    def state_per_param(self) -> float:
+        return self.state_bytes / max(self.param_bytes, 1)
+
+
+def summarize(recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 5) -> Summary:
+    """Assemble ``recipe`` on a demo model, run a few steps, and measure its state and time."""
+    model, x, y = demo_model(model_spec)
+    opt = Optimizer(list(model.parameters()), recipe, model=model, likelihood="categorical")
+
+    def closure() -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(x)
+        return F.cross_entropy(out, y), out
+
+    opt.step(closure)
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step(closure)
+    ms = (time.perf_counter() - start) * 1000 / steps
+    state_bytes = sum(
+        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    blocks = [(path, block.describe(), ", ".join(block.needs().names()) or "gradients") for path, block in recipe.blocks()]
+    hyper = {k: getattr(recipe, k) for k in Recipe.HYPERPARAMETERS}
+    return Summary(recipe, blocks, hyper, opt.needs.names() or ["gradients only"], sum(p.numel() for p in model.parameters()), state_bytes, param_bytes, ms)

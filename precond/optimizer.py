@@ -1,0 +1,267 @@
+"""The step pipeline: a ``torch.optim.Optimizer`` assembled from a recipe's blocks.
+
+One step is
+
+    evaluate the closure (forward, backward; what the blocks need)
+    per param group: decay the gradient (l2), refresh the curvature when due,
+                     momentum (pre) -> transforms -> momentum (post)
+    decay the parameters (decoupled), the step control moves the parameters
+
+with no method-specific branches: blocks declare what they need
+(:class:`precond.block.Needs`) and the pipeline provides it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from precond.block import Curvature, Decay, Direction, GroupStep, Momentum, Needs, Step, Structure, Transform
+from precond.errors import CheckpointError, PipelineError
+from precond.recipe import Recipe, fingerprint
+
+LIKELIHOODS = ("categorical", "gaussian")
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The per-group blocks of one recipe, in the order they run."""
+
+    curvature: Curvature | None
+    structure: Structure | None
+    transforms: tuple[Transform, ...]
+    momentum: Momentum | None
+    decay: Decay
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> Pipeline:
+        return cls(recipe.curvature, recipe.structure, tuple(recipe.transform), recipe.momentum, recipe.decay)  # type: ignore[attr-defined]
+
+    def needs(self) -> Needs:
+        out = Needs()
+        for block in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay):
+            if block is not None:
+                out = out | block.needs()
+        return out
+
+    def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+        for block in (self.structure, self.momentum):
+            if block is not None:
+                block.init_state(param, state)
+
+    def direction(self, ctx: GroupStep) -> Direction:
+        d = Direction(ctx.grads, 1.0, False)
+        if self.momentum is not None and self.momentum.position == "pre":  # type: ignore[attr-defined]
+            d = self.momentum.apply(ctx, d)
+        for t in self.transforms:
+            if not t.linear or d.denominator is not None:
+                d = d.materialize()
+            d = self.structure.precondition(ctx, t, d) if t.spectral else t.apply(ctx, d)  # type: ignore[union-attr]
+        if self.momentum is not None and self.momentum.position == "post":  # type: ignore[attr-defined]
+            d = self.momentum.apply(ctx, d)
+        return d
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A precond optimizer. Build one with :func:`precond.build` or :func:`precond.compose`.
+
+    Param groups, ``state_dict``/``load_state_dict`` (bit-for-bit resume),
+    LR schedulers (``group["lr"]`` is read every step) and ``zero_grad`` work as
+    in torch. ``step(closure)`` takes a closure that runs the forward pass and
+    returns ``loss`` or ``(loss, outputs)``; the optimizer runs the backward
+    pass(es). Recipes that need only gradients also accept the plain
+    ``loss.backward(); opt.step()``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        recipe: Recipe,
+        *,
+        model: nn.Module | None = None,
+        likelihood: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if likelihood is not None and likelihood not in LIKELIHOODS:
+            raise PipelineError(f"unknown likelihood {likelihood!r}; use one of {', '.join(LIKELIHOODS)}")
+        defaults = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "rule": "default"}
+        super().__init__(params, defaults)
+        self.recipe = recipe
+        self.model = model
+        self.likelihood = likelihood
+        self.pipelines = {"default": Pipeline.of(recipe)}
+        self.step_control: Step = recipe.step  # type: ignore[attr-defined]
+        self.needs = self.step_control.needs()
+        for pipeline in self.pipelines.values():
+            self.needs = self.needs | pipeline.needs()
+        if (self.needs.hooks or self.needs.model) and model is None:
+            raise PipelineError(
+                f"recipe '{recipe.name}' needs {' and '.join(self.needs.names())}: pass the nn.Module to "
+                "precond.build(recipe, model), not its parameters"
+            )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.global_step = 0
+
+    # --- one step ----------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        loss, graph_grads = self._evaluate(closure)
+        self.global_step += 1
+        with torch.no_grad():
+            ctxs = [c for c in (self._gather(g, graph_grads) for g in self.param_groups) if c.params]
+            pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
+            for ctx, pipe in zip(ctxs, pipes):
+                pipe.decay.gradient(ctx)
+                if pipe.curvature is not None and pipe.curvature.due(self.global_step):
+                    pipe.structure.update(ctx, pipe.curvature)  # type: ignore[union-attr]
+            directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
+            for ctx, pipe in zip(ctxs, pipes):
+                pipe.decay.parameters(ctx)
+            self.step_control.apply(ctxs, directions)
+        return loss
+
+    def _evaluate(self, closure: Callable[[], Any] | None) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        needs = self.needs
+        if closure is None:
+            if needs.need_closure():
+                raise PipelineError(
+                    f"recipe '{self.recipe.name}' needs {' and '.join(needs.names())}, which loss.backward(); "
+                    "opt.step() cannot give. Call opt.step(closure) with a closure that runs the forward pass "
+                    "and returns (loss, outputs), without calling backward."
+                )
+            return None, None
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            result = closure()
+        loss, outputs = (result[0], result[1]) if isinstance(result, (tuple, list)) else (result, None)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise PipelineError(f"the closure must return a scalar loss tensor or (loss, outputs); got {type(loss).__name__}")
+        if needs.outputs and outputs is None:
+            raise PipelineError(f"recipe '{self.recipe.name}' needs the model outputs: return (loss, outputs) from the closure")
+        self.last_outputs = outputs
+        if any(p.grad is not None for p in params):  # a torch-style closure that ran backward itself
+            if needs.create_graph:
+                raise PipelineError(
+                    f"recipe '{self.recipe.name}' needs a differentiable gradient: the closure must return the loss "
+                    "without calling backward (the optimizer runs it with create_graph)"
+                )
+            return loss.detach(), None
+        if loss.grad_fn is None:
+            raise PipelineError("the loss does not depend on any parameter that requires grad (computed under no_grad?)")
+        if needs.create_graph:
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.detach()
+            return loss.detach(), [g for g in grads if g is not None]
+        loss.backward(retain_graph=needs.outputs)
+        return loss.detach(), None
+
+    def _gather(self, group: dict[str, Any], graph_grads: list[torch.Tensor] | None) -> GroupStep:
+        pipe = self.pipelines[group["rule"]]
+        params, grads, states, steps = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise PipelineError("precond does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                pipe.init_state(p, state)
+            state["step"] += 1
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+            steps.append(state["step"])
+        return GroupStep(self, group, params, grads, states, steps, self.global_step, graph_grads)
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["precond"] = {
+            "version": STATE_VERSION,
+            "recipe": self.recipe.name,
+            "blocks": fingerprint(self.recipe),
+            "global_step": self.global_step,
+            "generator": self.generator.get_state(),
+            "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint; every check runs before anything changes.
+
+        Unlike torch, floating-point state keeps its own dtype (a float32
+        curvature factor of a bfloat16 parameter stays float32).
+        """
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        extra = state_dict.get("precond")
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or "state" not in state_dict:
+            raise CheckpointError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
+        if len(saved_groups) != len(self.param_groups):
+            raise CheckpointError(
+                f"the checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        for i, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise CheckpointError(
+                    f"param group {i}: the checkpoint has {len(sg['params'])} parameters, this optimizer has {len(g['params'])}"
+                )
+        if extra is not None:
+            if extra.get("blocks") != fingerprint(self.recipe):
+                raise CheckpointError(
+                    f"the checkpoint was written by recipe '{extra.get('recipe')}' with blocks {extra.get('blocks')}; "
+                    f"this optimizer runs '{self.recipe.name}' with blocks {fingerprint(self.recipe)}"
+                )
+            for i, (g, shapes) in enumerate(zip(self.param_groups, extra["shapes"])):
+                for j, (p, shape) in enumerate(zip(g["params"], shapes)):
+                    if list(p.shape) != list(shape):
+                        raise CheckpointError(
+                            f"param group {i}, parameter {j}: the checkpoint is for shape {tuple(shape)}, "
+                            f"the model has {tuple(p.shape)}"
+                        )
+        id_map = {
+            saved: p for g, sg in zip(self.param_groups, saved_groups) for saved, p in zip(sg["params"], g["params"])
+        }
+        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                raise CheckpointError(f"the checkpoint holds state for parameter id {key!r}, which no param group lists")
+            param = id_map[key]
+            state[param] = {k: _to_device(v, param.device) for k, v in value.items()}
+        groups = []
+        for g, sg in zip(self.param_groups, saved_groups):
+            new = {k: v for k, v in sg.items() if k not in ("params", "param_names")}
+            new["params"] = g["params"]
+            if "param_names" in g:
+                new["param_names"] = g["param_names"]
+            groups.append(new)
+        # commit
+        self.state = state
+        self.param_groups = groups
+        if extra is not None:
+            self.global_step = int(extra["global_step"])
+            self.generator.set_state(extra["generator"])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value

@@ -1,0 +1,551 @@
+"""The recipe: a validated description of an optimizer.
+
+A recipe has a ``name``, a ``summary``, a ``reference`` (the paper), the
+top-level hyperparameters (``lr``, ``weight_decay``) that become param-group
+values (so LR schedulers and param groups work as in torch), and one entry
+per block kind. Each block entry is a discriminated union on ``type``,
+generated from the registry, so a plugin block validates like a built-in.
+
+YAML is read with the safe loader only, keeping the line and column of every
+key so an error can say exactly where it is and what would work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from precond import registry
+from precond.block import KINDS, Block
+from precond.errors import Problem, RecipeError
+
+MAX_RECIPE_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # guards against alias bombs ("billion laughs")
+MAX_DEPTH = 64
+
+
+# --- the schema ----------------------------------------------------------------------------
+
+
+class Recipe(BaseModel):
+    """Base of the generated recipe model; ``isinstance(r, Recipe)`` holds for every recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str = Field(description="the method's name, e.g. 'adam'")
+    summary: str = Field("", description="one line: what the method does")
+    reference: str = Field("", description="the paper or source the recipe follows")
+    lr: float = Field(1e-3, ge=0, description="learning rate (a param-group value: schedulers change it)")
+    weight_decay: float = Field(0.0, ge=0, description="weight-decay coefficient (a param-group value); the `decay` block says how it applies")
+
+    HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
+
+    def blocks(self) -> list[tuple[str, Block]]:
+        """(path, block) for every block of the recipe, in pipeline order."""
+        out: list[tuple[str, Block]] = []
+        for kind in KINDS:
+            value = getattr(self, kind, None)
+            if isinstance(value, (list, tuple)):
+                out.extend((f"{kind}.{i}", b) for i, b in enumerate(value))
+            elif value is not None:
+                out.append((kind, value))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/YAML-serialisable), the inverse of validation."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _union(kind: str) -> Any:
+    classes = tuple(registry.blocks(kind).values())
+    if not classes:
+        return None
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[classes], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+_MODEL: type[Recipe] | None = None
+
+
+def _reset() -> None:
+    global _MODEL
+    _MODEL = None
+
+
+registry.on_change(_reset)
+
+
+def _check_combination(recipe: Recipe) -> Recipe:
+    """Cross-block rules: which pairs make sense (DESIGN.md's estimator x structure table)."""
+    curvature, structure = recipe.curvature, recipe.structure  # type: ignore[attr-defined]
+    if curvature is not None and structure is None:
+        raise PydanticCustomError(
+            "recipe_combination",
+            "curvature '{curvature}' has nowhere to go: add a structure that it can fill ({fills})",
+            {"path": "curvature", "curvature": curvature.name, "fills": ", ".join(sorted(curvature.fills)) or "none"},
+        )
+    if structure is not None and curvature is None:
+        raise PydanticCustomError(
+            "recipe_combination",
+            "structure '{structure}' needs a curvature block to fill it (e.g. curvature: {{type: empirical_fisher}})",
+            {"path": "structure", "structure": structure.name},
+        )
+    if curvature is not None and structure.form not in curvature.fills:
+        fillers = sorted(n for n, c in registry.blocks("curvature").items() if structure.form in c.fills)
+        raise PydanticCustomError(
+            "recipe_combination",
+            "curvature '{curvature}' cannot fill a '{form}' structure; it fills: {fills}. "
+            "Curvatures that fill '{form}': {fillers}",
+            {
+                "path": "structure",
+                "curvature": curvature.name,
+                "form": structure.form,
+                "fills": ", ".join(sorted(curvature.fills)) or "nothing",
+                "fillers": ", ".join(fillers) or "none",
+            },
+        )
+    for i, transform in enumerate(recipe.transform):  # type: ignore[attr-defined]
+        if transform.spectral and structure is None:
+            raise PydanticCustomError(
+                "recipe_combination",
+                "transform '{name}' is a function of the curvature, but the recipe has no curvature/structure; "
+                "add them (e.g. curvature: {{type: empirical_fisher}}, structure: {{type: diagonal}}) or use "
+                "transform: identity",
+                {"path": f"transform.{i}", "name": transform.name},
+            )
+        if transform.spectral and structure is not None and not structure.supports(transform):
+            raise PydanticCustomError(
+                "recipe_combination",
+                "structure '{structure}' cannot apply transform '{name}'",
+                {"path": f"transform.{i}", "name": transform.name, "structure": structure.name},
+            )
+    return recipe
+
+
+def recipe_model() -> type[Recipe]:
+    """The recipe model for the blocks registered now (cached until a block registers)."""
+    global _MODEL
+    if _MODEL is not None:
+        return _MODEL
+    fields: dict[str, Any] = {}
+    descriptions = {
+        "curvature": "how the curvature is estimated",
+        "structure": "how the curvature is stored and accumulated",
+        "transform": "function(s) of the curvature applied to the direction; one block or a list",
+        "momentum": "momentum, before (pre) or after (post) preconditioning",
+        "step": "how the step length is chosen",
+        "decay": "how weight_decay applies: l2 (on the gradient) or decoupled (on the parameters)",
+    }
+    for kind in ("curvature", "structure", "momentum"):
+        u = _union(kind)
+        fields[kind] = (Optional[u], Field(None, description=descriptions[kind])) if u else (None, None)
+    t = _union("transform")
+    fields["transform"] = (list[t], Field(default_factory=list, description=descriptions["transform"]))  # type: ignore[valid-type]
+    fields["step"] = (_union("step"), Field(default_factory=lambda: registry.get("step", "lr")(), description=descriptions["step"]))
+    fields["decay"] = (_union("decay"), Field(default_factory=lambda: registry.get("decay", "l2")(), description=descriptions["decay"]))
+
+    def _listify(cls: Any, value: Any) -> Any:
+        if value is None:
+            return []
+        return value if isinstance(value, (list, tuple)) else [value]
+
+    model = create_model(  # type: ignore[call-overload]
+        "Recipe",
+        __base__=Recipe,
+        __module__=__name__,
+        __validators__={
+            "_listify": field_validator("transform", mode="before")(_listify),
+            "_combination": model_validator(mode="after")(_check_combination),
+        },
+        **fields,
+    )
+    model.__doc__ = Recipe.__doc__
+    _MODEL = model
+    return model
+
+
+def schema() -> dict[str, Any]:
+    """JSON Schema of a recipe (for editors: yaml-language-server, VS Code)."""
+    s = recipe_model().model_json_schema()
+    s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    s["title"] = "precond recipe"
+    return s
+
+
+# --- YAML with locations -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loc:
+    source: str
+    line: int | None = None  # 1-based
+    column: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return self.source
+        return f"{self.source}:{self.line}:{self.column}"
+
+
+Locations = dict[tuple[Any, ...], Loc]
+
+
+def _mark(source: str, node: yaml.Node) -> Loc:
+    return Loc(source, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def parse_yaml(text: str | bytes, source: str = "<string>") -> tuple[Any, Locations]:
+    """Parse YAML safely, returning the data and the location of every key and item."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"the file is {len(text)} bytes; recipes are limited to {MAX_RECIPE_BYTES}", source)
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"not UTF-8 text (byte {exc.start}: {exc.reason}); save the recipe as UTF-8", source) from None
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the text is {len(text)} characters; recipes are limited to {MAX_RECIPE_BYTES}", source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        what = exc.problem or str(exc)
+        raise RecipeError([Problem(where, "", f"YAML syntax error: {what}")], source) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"YAML error: {exc}", source) from None
+    if node is None:
+        raise RecipeError([Problem(source, "", "the recipe is empty; expected a mapping with at least 'name'")], source)
+    locations: Locations = {}
+    constructor = yaml.SafeLoader("")
+    budget = [MAX_YAML_NODES]
+
+    def build(n: yaml.Node, path: tuple[Any, ...], depth: int) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise RecipeError(
+                [Problem(str(_mark(source, n)), "", f"the recipe expands to more than {MAX_YAML_NODES} values "
+                         "(anchors and aliases that multiply); write it out plainly")],
+                source,
+            )
+        if depth > MAX_DEPTH:
+            raise RecipeError([Problem(str(_mark(source, n)), _dotted(path), f"nested deeper than {MAX_DEPTH} levels")], source)
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)) and n.tag not in _PLAIN_TAGS:
+            raise RecipeError(
+                [Problem(str(_mark(source, n)), _dotted(path), f"the tag {n.tag!r} is not allowed; recipes are plain data (no tags such as !!python/...)")],
+                source,
+            )
+        if isinstance(n, yaml.MappingNode):
+            constructor.flatten_mapping(n)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                key = build(key_node, path, depth + 1)
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    raise RecipeError([Problem(str(_mark(source, key_node)), _dotted(path), f"keys must be plain words, got {key!r}")], source)
+                if key in out:
+                    raise RecipeError([Problem(str(_mark(source, key_node)), _dotted(path + (key,)), "duplicate key")], source)
+                locations[path + (key,)] = _mark(source, key_node)
+                out[key] = build(value_node, path + (key,), depth + 1)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(n.value):
+                locations[path + (i,)] = _mark(source, item)
+                items.append(build(item, path + (i,), depth + 1))
+            return items
+        try:
+            return constructor.construct_object(n, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            raise RecipeError(
+                [Problem(str(_mark(source, n)), _dotted(path), f"{exc.problem}; recipes are plain data (no tags such as !!python/...)")],
+                source,
+            ) from None
+
+    try:
+        data = build(node, (), 0)
+    except RecursionError:
+        raise RecipeError(f"nested too deeply (more than {MAX_DEPTH} levels)", source) from None
+    locations[()] = _mark(source, node)
+    return data, locations
+
+
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+# --- resolving a recipe from a name, file, dict or Recipe ------------------------------------
+
+
+def recipe_dirs() -> list[Path]:
+    """Where built-in recipes live: inside the wheel, or the checkout's top-level folder."""
+    dirs = []
+    packaged = resources.files("precond") / "recipes"
+    if packaged.is_dir():
+        dirs.append(Path(str(packaged)))
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if checkout.is_dir() and checkout not in dirs:
+        dirs.append(checkout)
+    return dirs
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe name -> file."""
+    found: dict[str, Path] = {}
+    for d in reversed(recipe_dirs()):
+        for f in sorted(d.glob("*.yaml")):
+            found[f.stem] = f
+    return dict(sorted(found.items()))
+
+
+def _source_of(spec: str | Path) -> tuple[Path, str]:
+    s = str(spec)
+    path = Path(s).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in s or "\\" in s:
+        if not path.is_file():
+            raise RecipeError([Problem(s, "", "no such recipe file")], s)
+        return path, s
+    table = builtin_recipes()
+    if s in table:
+        return table[s], f"{s} ({table[s].name})"
+    hint = registry.suggest(s, list(table))
+    raise RecipeError(
+        [Problem("", "", f"no built-in recipe named {s!r}{hint}; built-in: {', '.join(table)}; or give a path to a .yaml file")],
+        s,
+    )
+
+
+def load_recipe(spec: str | Path, *, hyper: Mapping[str, Any] | None = None, set: Mapping[str, Any] | None = None) -> Recipe:  # noqa: A002
+    """Load and validate a recipe from a built-in name or a YAML file."""
+    path, source = _source_of(spec)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([Problem(str(path), "", f"cannot read the file: {exc.strerror}")], str(path)) from None
+    where = str(path) if path.is_absolute() or not str(spec).isidentifier() else str(path)
+    data, locations = parse_yaml(raw, where)
+    return validate(data, locations=locations, source=where, hyper=hyper, set=set)
+
+
+def resolve(spec: Any, *, hyper: Mapping[str, Any] | None = None, set: Mapping[str, Any] | None = None) -> Recipe:  # noqa: A002
+    """A Recipe from a built-in name, a path, a dict or a Recipe, with overrides applied."""
+    if isinstance(spec, Recipe):
+        if not hyper and not set:
+            return spec
+        return validate(spec.to_dict(), source=f"<recipe {spec.name}>", hyper=hyper, set=set)
+    if isinstance(spec, Mapping):
+        return validate(copy.deepcopy(dict(spec)), source="<dict>", hyper=hyper, set=set)
+    if isinstance(spec, (str, Path)):
+        return load_recipe(spec, hyper=hyper, set=set)
+    raise RecipeError(f"a recipe is a built-in name, a path, a dict or a Recipe; got {type(spec).__name__}")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["structure.beta=0.99", ...]`` (CLI ``--set``) -> ``{"structure.beta": 0.99}`` (values as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError([Problem(f"--set {item}", "", "expected key=value, e.g. --set structure.beta=0.99 or --set lr=0.01")])
+        data, _ = parse_yaml(text, f"--set {key.strip()}") if text.strip() else (None, {})
+        out[key.strip()] = data
+    return out
+
+
+def _apply_overrides(
+    data: Any, locations: Locations, hyper: Mapping[str, Any] | None, sets: Mapping[str, Any] | None
+) -> None:
+    if not isinstance(data, dict):
+        return
+    base = Recipe.model_fields
+    for key, value in (hyper or {}).items():
+        if key not in Recipe.HYPERPARAMETERS:
+            hint = registry.suggest(key, list(Recipe.HYPERPARAMETERS))
+            raise RecipeError(
+                [Problem(f"keyword {key}=", "", f"unknown hyperparameter {key!r}{hint}; top-level hyperparameters are "
+                         f"{', '.join(Recipe.HYPERPARAMETERS)}; set block fields with set={{'kind.field': value}}, "
+                         "e.g. set={'momentum.beta': 0.9}")]
+            )
+        data[key] = value
+        locations[(key,)] = Loc(f"keyword {key}=")
+    for dotted, value in (sets or {}).items():
+        parts: list[Any] = [int(p) if p.isdigit() else p for p in str(dotted).split(".")]
+        if not parts or any(p == "" for p in parts):
+            raise RecipeError([Problem(f"--set {dotted}", "", "expected a dotted path such as structure.beta")])
+        where = Loc(f"--set {dotted}")
+        if parts[0] not in base and parts[0] not in KINDS:
+            hint = registry.suggest(str(parts[0]), list(base) + list(KINDS))
+            raise RecipeError([Problem(str(where), "", f"unknown recipe key {parts[0]!r}{hint}")])
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if parts[0] == "transform" and i == 0 and isinstance(node.get("transform"), dict):
+                node["transform"] = [node["transform"]]  # address the single transform as transform.0
+            nxt = node.get(part) if isinstance(node, dict) else (node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+            if nxt is None:
+                if isinstance(node, dict):
+                    nxt = node[part] = {}
+                    locations[tuple(parts[: i + 1])] = where
+                else:
+                    raise RecipeError([Problem(str(where), _dotted(tuple(parts[: i + 1])), "no such entry in the recipe")])
+            if not isinstance(nxt, (dict, list)):
+                raise RecipeError([Problem(str(where), _dotted(tuple(parts[: i + 1])), f"is {nxt!r}, not a block; cannot set a field inside it")])
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise RecipeError([Problem(str(where), str(dotted), "no such list item")])
+        node[last] = value
+        locations[tuple(parts)] = where
+
+
+def validate(
+    data: Any,
+    *,
+    locations: Locations | None = None,
+    source: str = "<dict>",
+    hyper: Mapping[str, Any] | None = None,
+    set: Mapping[str, Any] | None = None,  # noqa: A002
+) -> Recipe:
+    """Validate plain data into a Recipe, turning every error into a located RecipeError."""
+    locations = dict(locations or {})
+    if not isinstance(data, dict):
+        got = type(data).__name__ if data is not None else "nothing"
+        raise RecipeError([Problem(str(locations.get((), source)), "", f"a recipe is a mapping (key: value lines), got {got}")], source)
+    _apply_overrides(data, locations, hyper, set)
+    _check_types(data, locations, source)
+    try:
+        return recipe_model().model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError([_problem(e, data, locations, source) for e in exc.errors()], source) from None
+
+
+def _check_types(data: dict[str, Any], locations: Locations, source: str) -> None:
+    """Unknown or missing block ``type``: say so with the registered names, before pydantic."""
+    problems = []
+    for kind in KINDS:
+        entries = data.get(kind)
+        items = entries if isinstance(entries, list) and kind == "transform" else [entries]
+        for i, entry in enumerate(items):
+            if entry is None:
+                continue
+            path = (kind, i) if isinstance(entries, list) else (kind,)
+            where = str(_locate(path, locations, source))
+            known = registry.names(kind)
+            if isinstance(entry, str):  # shorthand `momentum: ema` is not allowed; say what is
+                problems.append(Problem(where, _dotted(path), f"expected a mapping with a 'type', e.g. {{type: {entry}}}"))
+                continue
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("type")
+            if name is None:
+                problems.append(Problem(where, _dotted(path), f"missing 'type'; {kind} types: {', '.join(known)}"))
+            elif not isinstance(name, str) or name not in known:
+                hint = registry.suggest(str(name), known)
+                problems.append(
+                    Problem(str(_locate(path + ("type",), locations, source)), _dotted(path + ("type",)),
+                            f"unknown {kind} type {name!r}{hint}; registered {kind} types: {', '.join(known)}")
+                )
+    if problems:
+        raise RecipeError(problems, source)
+
+
+def _locate(path: tuple[Any, ...], locations: Locations, source: str) -> Loc:
+    while path:
+        if path in locations:
+            return locations[path]
+        path = path[:-1]
+    return locations.get((), Loc(source))
+
+
+def _data_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Map a pydantic error location to a path in the data (drop union tags and list wrapping)."""
+    path: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part not in node:
+            if path == ["transform"] and part == 0:
+                continue  # a single transform written as a mapping is validated as transform[0]
+            if isinstance(node.get("type"), str) and part == node["type"]:
+                continue  # the discriminator tag pydantic inserts
+        path.append(part)
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(path)
+
+
+def _block_class(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
+    if not path:
+        return recipe_model()
+    kind = path[0]
+    if kind not in KINDS:
+        return None
+    entry = data.get(kind)
+    if kind == "transform" and isinstance(entry, list):
+        entry = entry[path[1]] if len(path) > 1 and isinstance(path[1], int) and path[1] < len(entry) else None
+    if isinstance(entry, dict) and isinstance(entry.get("type"), str):
+        try:
+            return registry.get(kind, entry["type"])
+        except KeyError:
+            return None
+    return None
+
+
+def _problem(error: Mapping[str, Any], data: dict[str, Any], locations: Locations, source: str) -> Problem:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "recipe_combination":
+        path = tuple(int(p) if p.isdigit() else p for p in str(ctx.get("path", "")).split(".") if p)
+        if len(path) >= 2 and path[0] == "transform" and isinstance(data.get("transform"), dict):
+            path = path[:1]
+        return Problem(str(_locate(path, locations, source)), _dotted(path), error["msg"])
+    path = _data_path(tuple(error["loc"]), data)
+    where = str(_locate(path, locations, source))
+    dotted = _dotted(path)
+    if kind == "extra_forbidden":
+        owner = _block_class(path[:-1] if path and path[0] != "transform" else _owner_path(path), data)
+        fields = [f for f in (owner.model_fields if owner else {}) if f != "type"]
+        hint = registry.suggest(str(path[-1]), fields) if fields else ""
+        valid = f"; valid keys: {', '.join(fields)}" if fields else ""
+        return Problem(where, dotted, f"unknown key {path[-1]!r}{hint}{valid}")
+    if kind == "missing":
+        return Problem(where, dotted, "required field is missing")
+    if kind == "value_error":
+        return Problem(where, dotted, error["msg"].removeprefix("Value error, "))
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    expected = error["msg"]
+    if expected.startswith("Input should be"):
+        expected = "expected" + expected[len("Input should be"):]
+    return Problem(where, dotted, f"{expected} (got {shown})")
+
+
+def _owner_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    # transform.N.key -> transform.N ; transform.key -> transform
+    return path[:-1]
+
+
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """What must match for a checkpoint to resume: the block types, in order."""
+    return {path: block.name for path, block in recipe.blocks()}
+
+
+def dumps(recipe: Recipe) -> str:
+    return json.dumps(recipe.to_dict(), sort_keys=True)

@@ -1,0 +1,28 @@
+"""Weight decay: ``l2`` adds ``wd·θ`` to the gradient; ``decoupled`` shrinks ``θ`` (AdamW)."""
+
+from __future__ import annotations
+
+import torch
+
+from precond.block import Decay, GroupStep
+from precond.registry import register
+
+
+@register("decay", "l2")
+class L2(Decay):
+    """``g ← g + wd·θ`` before anything else sees the gradient (torch.optim's ``weight_decay``)."""
+
+    def gradient(self, ctx: GroupStep) -> None:
+        wd = ctx.group["weight_decay"]
+        if wd:
+            ctx.grads = list(torch._foreach_add(ctx.grads, ctx.params, alpha=wd))
+
+
+@register("decay", "decoupled")
+class Decoupled(Decay):
+    """``θ ← θ·(1 - lr·wd)`` right before the update (AdamW, AdaHessian, Sophia)."""
+
+    def parameters(self, ctx: GroupStep) -> None:
+        wd = ctx.group["weight_decay"]
+        if wd:
+            torch._foreach_mul_(ctx.params, 1.0 - ctx.lr * wd)

@@ -1,0 +1,33 @@
+"""``clip``: bound the direction elementwise (Sophia) or by its norm."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from precond.block import Direction, GroupStep, Transform
+from precond.registry import register
+
+
+@register("transform", "clip")
+class Clip(Transform):
+    """Clip the direction: each entry to ``[-threshold, threshold]`` (``elementwise``),
+    or scale it so that its L2 norm over the param group is at most ``threshold`` (``norm``)."""
+
+    linear: ClassVar[bool] = False
+
+    mode: Literal["elementwise", "norm"] = Field("elementwise", description="elementwise (Sophia) or norm")
+    threshold: float = Field(1.0, gt=0, description="the bound")
+
+    def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
+        d = direction.materialize()
+        if self.mode == "elementwise":
+            torch._foreach_clamp_min_(d.tensors, -self.threshold)
+            torch._foreach_clamp_max_(d.tensors, self.threshold)
+            return d
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(d.tensors)))
+        factor = torch.clamp(self.threshold / norm, max=1.0).nan_to_num(nan=1.0, posinf=1.0)
+        torch._foreach_mul_(d.tensors, factor)
+        return d

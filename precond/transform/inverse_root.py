@@ -1,0 +1,34 @@
+"""``inverse_root``: the direction times ``C^(-1/p)`` (Adagrad, Adam, Shampoo: p = 2)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from precond.block import Direction, Transform
+from precond.registry import register
+from precond.transform.spectral import diagonal_power
+
+
+@register("transform", "inverse_root")
+class InverseRoot(Transform):
+    """``f(λ) = (λ + ε)^(-1/p)`` (damping inside) or ``1 / (λ^(1/p) + ε)`` (outside, as Adam and Adagrad)."""
+
+    spectral: ClassVar[bool] = True
+
+    p: float = Field(2.0, gt=0, description="the root: f(C) = C^(-1/p); 2 for Adam/Adagrad/Shampoo")
+    damping: float = Field(0.0, ge=0, description="epsilon added to the curvature (inside) or to its root (outside)")
+    damping_position: Literal["inside", "outside"] = Field(
+        "inside", description="inside: (C + eps)^(-1/p); outside: (C^(1/p) + eps)^(-1) (Adam's eps)"
+    )
+
+    def fn(self, eigenvalues: torch.Tensor) -> torch.Tensor:
+        """The spectral function on eigenvalues."""
+        if self.damping_position == "outside":
+            return 1.0 / (eigenvalues.clamp_min(0) ** (1.0 / self.p) + self.damping)
+        return (eigenvalues.clamp_min(0) + self.damping) ** (-1.0 / self.p)
+
+    def diagonal(self, values: list[torch.Tensor], divisors: list[float] | None, direction: Direction) -> Direction:
+        return diagonal_power(values, divisors, direction, self.p, self.damping, self.damping_position == "outside")

@@ -1,0 +1,94 @@
+"""A run resumed from a checkpoint continues bit for bit, for every shipped recipe."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import precond
+from conftest import loss_of, make_batches, make_mlp
+from precond.errors import CheckpointError
+from precond.recipe import builtin_recipes
+
+SETS = {"sgd": {"momentum.beta": 0.9}}  # exercise the momentum buffer too
+
+
+def _run(model, opt, batches):
+    for batch in batches:
+        opt.step(lambda: loss_of(model, batch))
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_resume_is_bitwise(name: str) -> None:
+    batches = make_batches(n=10)
+    straight = make_mlp()
+    resumed = copy.deepcopy(straight)
+    opt = precond.build(name, straight, set=SETS.get(name))
+    _run(straight, opt, batches)
+
+    opt1 = precond.build(name, resumed, set=SETS.get(name))
+    _run(resumed, opt1, batches[:5])
+    buf = io.BytesIO()
+    torch.save({"model": resumed.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    fresh = make_mlp(seed=123)  # a different init: everything must come from the checkpoint
+    fresh.load_state_dict(ckpt["model"])
+    opt2 = precond.build(name, fresh, set=SETS.get(name))
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.global_step == 5
+    _run(fresh, opt2, batches[5:])
+    for p, q in zip(straight.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(straight.parameters(), fresh.parameters()):
+        for k, v in opt.state[p].items():
+            w = opt2.state[q][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+
+
+def test_state_keeps_its_dtype() -> None:
+    """torch casts floating state to the parameter dtype on load; precond keeps the state's dtype."""
+    model = make_mlp(torch.float32)
+    opt = precond.build("adam", model)
+    _run(model, opt, make_batches(torch.float32, n=2))
+    sd = opt.state_dict()
+    for s in sd["state"].values():
+        s["structure.diag"] = s["structure.diag"].double()
+    opt.load_state_dict(sd)
+    assert all(s["structure.diag"].dtype == torch.float64 for s in opt.state.values())
+
+
+def test_mismatched_checkpoint_fails_before_changing_anything() -> None:
+    model = make_mlp()
+    adam = precond.build("adam", model)
+    _run(model, adam, make_batches(n=3))
+    sd = adam.state_dict()
+
+    sgd = precond.build("sgd", make_mlp())
+    before = copy.deepcopy(sgd.state_dict())
+    with pytest.raises(CheckpointError, match="recipe 'adam'"):
+        sgd.load_state_dict(sd)
+    assert sgd.state_dict()["param_groups"] == before["param_groups"] and not sgd.state
+
+    other = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    adam2 = precond.build("adam", other)
+    with pytest.raises(CheckpointError, match="shape"):
+        adam2.load_state_dict(sd)
+    assert not adam2.state and adam2.global_step == 0
+
+    with pytest.raises(CheckpointError, match="param groups"):
+        precond.build("adam", [{"params": [model[0].weight]}, {"params": [model[0].bias]}]).load_state_dict(sd)
+
+
+def test_generator_state_round_trips() -> None:
+    model = make_mlp()
+    opt = precond.build("adam", model, seed=7)
+    torch.rand(3, generator=opt.generator)
+    sd = opt.state_dict()
+    expected = torch.rand(3, generator=opt.generator)
+    opt2 = precond.build("adam", make_mlp(), seed=99)
+    opt2.load_state_dict(sd)
+    assert torch.equal(torch.rand(3, generator=opt2.generator), expected)
