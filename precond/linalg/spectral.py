@@ -1,0 +1,247 @@
+"""Robust eigendecompositions and spectral functions of symmetric PSD matrices.
+
+Every dense preconditioner in precond (Kronecker factors, Shampoo statistics,
+full matrices) is transformed through its eigendecomposition
+``M = Q diag(λ) Qᵀ``:
+
+* :func:`robust_eigh` — ``torch.linalg.eigh`` on ``(M + Mᵀ)/2`` that never
+  raises: a NaN/Inf input or a solver failure (after one float64 retry) gives
+  ``None``.
+* :func:`matrix_function` — ``Q diag(fn(λ)) Qᵀ``.
+* :func:`matrix_power` / :func:`inverse_root` — ``(M + εI)^q`` and the two
+  damping placements of ALGORITHMS.md §8–10 (``ε`` inside or outside the root).
+* :class:`SpectralCache` — keeps the last good decomposition, counts failures
+  and raises :class:`EighFailureError` after too many consecutive ones.
+
+All functions accept batched input ``(..., n, n)``; the batch dimensions are
+carried through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+from precond.errors import PrecondError
+
+__all__ = [
+    "EighResult",
+    "EigLike",
+    "EighFailureError",
+    "SpectralCache",
+    "robust_eigh",
+    "matrix_function",
+    "matrix_power",
+    "inverse_root",
+    "symmetrize",
+]
+
+DampingPosition = Literal["inside", "outside"]
+
+
+class EighResult(NamedTuple):
+    """A symmetric eigendecomposition ``M = Q diag(λ) Qᵀ``.
+
+    ``eigenvalues`` has shape ``(..., n)`` (ascending, as ``torch.linalg.eigh``
+    returns them) and ``eigenvectors`` shape ``(..., n, n)`` with the
+    eigenvectors in the *columns*.  ``retried`` is True when the float64 retry
+    was needed.  Being a tuple, ``vals, vecs, _ = result`` also works.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    retried: bool = False
+
+
+#: A decomposition: an :class:`EighResult` or a ``(eigenvalues, eigenvectors)`` pair.
+EigLike = Union[EighResult, tuple[Tensor, Tensor]]
+
+
+class EighFailureError(PrecondError, RuntimeError):
+    """An eigendecomposition failed too many times in a row."""
+
+
+def symmetrize(mat: Tensor) -> Tensor:
+    """``(M + Mᵀ) / 2`` over the last two dimensions."""
+    return 0.5 * (mat + mat.mT)
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    # eigh has no half-precision kernels; such inputs are decomposed in float32.
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def _try_eigh(mat: Tensor) -> tuple[Tensor, Tensor] | None:
+    try:
+        vals, vecs = torch.linalg.eigh(mat)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        return None
+    if not (torch.isfinite(vals).all() and torch.isfinite(vecs).all()):
+        return None
+    return vals, vecs
+
+
+def robust_eigh(mat: Tensor, *, float64_retry: bool = True) -> EighResult | None:
+    """Eigendecomposition of the symmetric part of ``mat`` that never raises.
+
+    Args:
+        mat: ``(..., n, n)`` real matrix (or batch of matrices); only its
+            symmetric part ``(M + Mᵀ)/2`` is decomposed.
+        float64_retry: if the solver raises (or returns non-finite values) in
+            the input precision, retry once in float64 and cast the result
+            back to the input dtype.  No retry is done for float64 input.
+
+    Returns:
+        An :class:`EighResult` in the dtype of ``mat``, or ``None`` when the
+        input holds NaN/Inf or the decomposition failed.  A batch fails or
+        succeeds as a whole.
+    """
+    if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2]:
+        raise ValueError(f"robust_eigh expects (..., n, n) matrices, got shape {tuple(mat.shape)}")
+    if not torch.isfinite(mat).all():
+        return None
+    out_dtype = mat.dtype
+    work = symmetrize(mat.to(_working_dtype(out_dtype)))
+    res = _try_eigh(work)
+    retried = False
+    if res is None and float64_retry and work.dtype != torch.float64:
+        res = _try_eigh(work.to(torch.float64))
+        retried = True
+    if res is None:
+        return None
+    vals, vecs = res
+    return EighResult(vals.to(out_dtype), vecs.to(out_dtype), retried)
+
+
+def _as_eig(mat_or_eig: Tensor | EigLike) -> tuple[Tensor, Tensor]:
+    """Eigenvalues/vectors from a matrix (decomposed now) or a decomposition."""
+    if isinstance(mat_or_eig, Tensor):
+        res = robust_eigh(mat_or_eig)
+        if res is None:
+            raise EighFailureError(
+                "eigendecomposition failed (input holds NaN/Inf or eigh did not converge, "
+                "also in float64)"
+            )
+        return res.eigenvalues, res.eigenvectors
+    vals, vecs = mat_or_eig[0], mat_or_eig[1]
+    return vals, vecs
+
+
+def matrix_function(eigvals: Tensor, eigvecs: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``Q diag(fn(λ)) Qᵀ`` for ``eigvals`` ``(..., n)`` and ``eigvecs`` ``(..., n, n)``.
+
+    ``fn`` is applied elementwise to the eigenvalues and must return a tensor
+    of the same shape.
+    """
+    f = fn(eigvals)
+    return (eigvecs * f.unsqueeze(-2)) @ eigvecs.mT
+
+
+def _clamped(eigvals: Tensor) -> Tensor:
+    # A PSD matrix's eigenvalues can come out slightly negative from round-off;
+    # a fractional power of those would be NaN.
+    return eigvals.clamp_min(0.0)
+
+
+def matrix_power(
+    mat_or_eig: Tensor | EigLike,
+    exponent: float,
+    damping: float = 0.0,
+) -> Tensor:
+    """``(M + εI)^exponent`` of a symmetric PSD matrix, ``ε = damping``.
+
+    Negative eigenvalues (round-off) are clamped to 0 before adding ``ε``.
+    With ``ε = 0`` and a singular ``M`` a negative exponent gives ``inf``
+    entries: damp, or use a positive exponent.
+    """
+    vals, vecs = _as_eig(mat_or_eig)
+    return matrix_function(vals, vecs, lambda lam: (_clamped(lam) + damping).pow(exponent))
+
+
+def inverse_root(
+    mat_or_eig: Tensor | EigLike,
+    p: float,
+    damping: float = 0.0,
+    damping_position: DampingPosition = "inside",
+) -> Tensor:
+    """Damped inverse ``p``-th root of a symmetric PSD matrix.
+
+    * ``damping_position="inside"``:  ``(M + εI)^(-1/p)``, eigenvalues
+      ``λ ↦ (λ + ε)^(-1/p)`` (Shampoo, K-FAC with ``p = 1``).
+    * ``damping_position="outside"``: ``(M^(1/p) + εI)^(-1)``, eigenvalues
+      ``λ ↦ 1 / (λ^(1/p) + ε)`` (Adam/Adagrad's ``ε`` after the square root).
+
+    The two agree only for ``ε = 0`` (or ``p = 1``).  Eigenvalues below 0
+    (round-off) are clamped to 0 before the root.  ``mat_or_eig`` is a matrix
+    ``(..., n, n)`` (decomposed with :func:`robust_eigh`; a failure raises
+    :class:`EighFailureError`) or a precomputed decomposition.
+    """
+    if p <= 0:
+        raise ValueError(f"inverse_root needs p > 0, got {p}")
+    if damping_position == "inside":
+        return matrix_power(mat_or_eig, -1.0 / p, damping)
+    if damping_position == "outside":
+        vals, vecs = _as_eig(mat_or_eig)
+        return matrix_function(
+            vals, vecs, lambda lam: (_clamped(lam).pow(1.0 / p) + damping).reciprocal()
+        )
+    raise ValueError(f"damping_position must be 'inside' or 'outside', got {damping_position!r}")
+
+
+@dataclass
+class SpectralCache:
+    """The last good eigendecomposition of a statistic, with failure counters.
+
+    ``refresh(mat)`` decomposes ``mat``; on success the result replaces the
+    cached one and the consecutive-failure counter resets.  On failure the
+    previous result is kept (and returned; it is ``None`` if there never was a
+    success), both counters increase, and once ``consecutive_failures``
+    reaches ``max_failures`` an :class:`EighFailureError` is raised.
+    ``max_failures=None`` never raises.
+    """
+
+    max_failures: int | None = 5
+    float64_retry: bool = True
+    result: EighResult | None = None
+    consecutive_failures: int = 0
+    total_failures: int = 0
+
+    def refresh(self, mat: Tensor) -> EighResult | None:
+        res = robust_eigh(mat, float64_retry=self.float64_retry)
+        if res is not None:
+            self.result = res
+            self.consecutive_failures = 0
+            return res
+        self.consecutive_failures += 1
+        self.total_failures += 1
+        if self.max_failures is not None and self.consecutive_failures >= self.max_failures:
+            raise EighFailureError(
+                f"eigendecomposition of a {tuple(mat.shape)} matrix failed "
+                f"{self.consecutive_failures} times in a row "
+                f"(consecutive_failures={self.consecutive_failures} reached "
+                f"max_failures={self.max_failures}; total_failures={self.total_failures}). "
+                "The statistic probably holds NaN/Inf (check the loss and the learning rate) "
+                "or is badly scaled; raise the damping or max_failures."
+            )
+        return self.result
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state (tensors and ints) for checkpointing."""
+        return {
+            "eigenvalues": None if self.result is None else self.result.eigenvalues,
+            "eigenvectors": None if self.result is None else self.result.eigenvectors,
+            "consecutive_failures": self.consecutive_failures,
+            "total_failures": self.total_failures,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vals, vecs = state["eigenvalues"], state["eigenvectors"]
+        self.result = None if vals is None else EighResult(vals, vecs, False)
+        self.consecutive_failures = int(state["consecutive_failures"])
+        self.total_failures = int(state["total_failures"])
+
