@@ -1,7 +1,7 @@
 """precond: second-order and adaptive optimizers declared as recipes.
 
-The public face: ``build``, ``compose``, ``load_recipe``, ``Recipe``,
-``RecipeError``. Submodules are imported lazily so that ``import precond``
+The public face: ``build``, ``compose``, ``load_recipe``, ``estimate``,
+``Recipe``, ``RecipeError``. Submodules are imported lazily so that ``import precond``
 stays cheap and ``precond.autodiff`` can be used on its own.
 """
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "build": "precond.api",
+    "estimate": "precond.estimate",
     "compose": "precond.api",
     "load_recipe": "precond.recipe",
     "Recipe": "precond.recipe",

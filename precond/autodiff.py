@@ -400,3 +400,87 @@ def per_sample_grads(
         params, inputs, targets
     )
     return [g.detach() for g in grads]
+
+
+# --------------------------------------------------------------------------- from a recorded graph
+#
+# The optimizer's closure hides the model inputs and targets; what it returns
+# is the loss and the outputs *with their autograd graph*. The functions below
+# work from that graph alone, so every estimator runs on any closure:
+# per-sample products batch the backward pass with ``is_grads_batched``
+# (vmap over the autograd engine), chunked to bound memory.
+
+
+def batched_vjp(
+    outputs: Tensor | Sequence[Tensor],
+    params: Sequence[Tensor],
+    cotangents: Callable[[int, int], Tensor | Sequence[Tensor]],
+    count: int,
+    chunk: int = 256,
+) -> list[Tensor]:
+    """``count`` vector-Jacobian products through the recorded graph of ``outputs``.
+
+    ``cotangents(start, stop)`` returns the cotangents ``start..stop-1``
+    stacked on a leading dimension (one tensor per output), built lazily per
+    chunk. Returns one tensor per parameter of shape ``(count, *param.shape)``,
+    detached; the graph is retained for further products.
+    """
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    params = list(params)
+    if count == 1:  # one product: a plain backward, no vmap over the engine
+        cot = cotangents(0, 1)
+        cot = [cot] if isinstance(cot, Tensor) else list(cot)
+        grads = torch.autograd.grad(
+            outs, params, grad_outputs=[c[0] for c in cot], retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        return [g.detach().unsqueeze(0) for g in grads]
+    results: list[list[Tensor]] = [[] for _ in params]
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        cot = cotangents(start, stop)
+        cot = [cot] if isinstance(cot, Tensor) else list(cot)
+        grads = torch.autograd.grad(
+            outs, params, grad_outputs=cot, retain_graph=True, allow_unused=True, is_grads_batched=True,
+            materialize_grads=True,
+        )
+        for r, g in zip(results, grads):
+            r.append(g.detach())
+    return [torch.cat(r) if len(r) > 1 else r[0] for r in results]
+
+
+def per_sample_vjp(outputs: Tensor, params: Sequence[Tensor], vectors: Tensor, chunk: int = 256) -> list[Tensor]:
+    """``J_mᵀ u_mk`` for every sample ``m`` of ``outputs`` and every vector ``k``.
+
+    ``outputs`` has the class/output dimension last and ``M`` samples in the
+    leading dims; ``vectors`` has shape ``(M, C, K)`` (``K`` vectors per
+    sample). Returns tensors of shape ``(M*K, *param.shape)`` ordered
+    sample-major. This is how per-sample gradients and exact GGN factors are
+    obtained from a closure's graph.
+    """
+    c = outputs.shape[-1]
+    m = outputs.numel() // c
+    k = vectors.shape[-1]
+    flat = vectors.reshape(m, c, k).to(outputs.dtype)
+
+    def cot(start: int, stop: int) -> Tensor:
+        idx = torch.arange(start, stop, device=outputs.device)
+        sample, column = idx // k, idx % k
+        out = torch.zeros(stop - start, m, c, dtype=outputs.dtype, device=outputs.device)
+        out[torch.arange(stop - start), sample] = flat[sample, :, column]
+        return out.reshape(stop - start, *outputs.shape)
+
+    return batched_vjp(outputs, params, cot, m * k, chunk)
+
+
+def batched_hvp(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor], chunk: int = 256) -> list[Tensor]:
+    """Hessian-vector products for a batch of vectors (each ``(B, *param.shape)``) by double backward.
+
+    ``grads`` come from ``torch.autograd.grad(loss, params, create_graph=True)``.
+    Parameters the gradient does not depend on get zeros; results are detached.
+    """
+    params = list(params)
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    count = vectors[0].shape[0]
+    if not live:
+        return [torch.zeros(count, *p.shape, dtype=p.dtype, device=p.device) for p in params]
+    return batched_vjp([grads[i] for i in live], params, lambda a, b: [vectors[i][a:b] for i in live], count, chunk)

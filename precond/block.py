@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    from precond.evaluation import Evaluation
     from precond.optimizer import Optimizer
 
 KINDS = ("curvature", "structure", "transform", "momentum", "step", "decay")
@@ -145,7 +146,8 @@ class GroupStep:
     states: list[dict[str, Any]]
     steps: list[int]  # per-parameter step counts, after this step's increment
     step: int  # the optimizer's global step count (1-based)
-    graph_grads: list[torch.Tensor] | None = None  # differentiable gradients, when a block needs them
+    evaluation: Evaluation
+    scope: list[torch.Tensor] = field(default_factory=list)  # every parameter this step's curvature serves
     extra: dict[str, Any] = field(default_factory=dict)
 
     def gathered(self, key: str) -> list[torch.Tensor]:
@@ -160,13 +162,35 @@ class GroupStep:
 
 
 class Curvature(Block, Interval):
-    """Estimates the curvature; ``fills`` names the structures it can fill."""
+    """Estimates the curvature; ``fills`` names the structures it can fill.
+
+    An estimator implements one method per structure form it fills
+    (``diagonal(ctx)``, ``full(ctx)``, ...). Work that spans all parameters
+    (one HVP over the whole model) is done once per step through
+    :meth:`shared` and handed out per param group.
+    """
 
     kind: ClassVar[str] = "curvature"
     fills: ClassVar[frozenset[str]] = frozenset()
 
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
         raise NotImplementedError(f"curvature '{self.name}' cannot fill a diagonal structure")
+
+    def full(self, ctx: GroupStep) -> torch.Tensor:
+        """The dense curvature over ``ctx.params`` flattened in order."""
+        raise NotImplementedError(f"curvature '{self.name}' cannot fill a full structure")
+
+    def shared(self, ctx: GroupStep, what: str, compute: Any) -> list[Any]:
+        """``compute(ctx.scope) -> list`` once per step for every parameter served; this group's part."""
+        memo = ctx.evaluation.memo
+        key = (id(self), what)
+        if key not in memo:
+            memo[key] = dict(zip(ctx.scope, compute(ctx.scope)))
+        return [memo[key][p] for p in ctx.params]
+
+    def needs_at(self, step: int) -> Needs:
+        """What this block needs on ``step``: nothing on steps it does not refresh."""
+        return self.needs() if self.due(step) else Needs()
 
 
 @dataclass

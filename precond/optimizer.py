@@ -22,9 +22,10 @@ from torch import nn
 
 from precond.block import Curvature, Decay, Direction, GroupStep, Momentum, Needs, Step, Structure, Transform
 from precond.errors import CheckpointError, PipelineError
+from precond.evaluation import Evaluation, evaluate
+from precond.likelihood import get_likelihood
 from precond.recipe import Recipe, fingerprint
 
-LIKELIHOODS = ("categorical", "gaussian")
 STATE_VERSION = 1
 
 
@@ -42,11 +43,21 @@ class Pipeline:
     def of(cls, recipe: Recipe) -> Pipeline:
         return cls(recipe.curvature, recipe.structure, tuple(recipe.transform), recipe.momentum, recipe.decay)  # type: ignore[attr-defined]
 
+    def blocks(self) -> list[Any]:
+        return [b for b in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay) if b is not None]
+
     def needs(self) -> Needs:
+        """What the pipeline may need on some step (the plain idiom must satisfy this)."""
         out = Needs()
-        for block in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay):
-            if block is not None:
-                out = out | block.needs()
+        for block in self.blocks():
+            out = out | block.needs()
+        return out
+
+    def needs_at(self, step: int) -> Needs:
+        """What the pipeline needs on ``step`` (a curvature block only on its refresh steps)."""
+        out = Needs()
+        for block in self.blocks():
+            out = out | (block.needs_at(step) if block is self.curvature else block.needs())
         return out
 
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
@@ -87,13 +98,14 @@ class Optimizer(torch.optim.Optimizer):
         likelihood: str | None = None,
         seed: int = 0,
     ) -> None:
-        if likelihood is not None and likelihood not in LIKELIHOODS:
-            raise PipelineError(f"unknown likelihood {likelihood!r}; use one of {', '.join(LIKELIHOODS)}")
+        try:
+            self.likelihood = None if likelihood is None else get_likelihood(likelihood)
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
         defaults = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "rule": "default"}
         super().__init__(params, defaults)
         self.recipe = recipe
         self.model = model
-        self.likelihood = likelihood
         self.pipelines = {"default": Pipeline.of(recipe)}
         self.step_control: Step = recipe.step  # type: ignore[attr-defined]
         self.needs = self.step_control.needs()
@@ -110,60 +122,38 @@ class Optimizer(torch.optim.Optimizer):
     # --- one step ----------------------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
-        loss, graph_grads = self._evaluate(closure)
-        self.global_step += 1
+        upcoming = self.global_step + 1
+        needs = self.needs if closure is None else self._needs_at(upcoming)  # the plain idiom must serve every step
+        ev = evaluate(closure, self._trainable(), needs, f"recipe '{self.recipe.name}'")
+        ev.model, ev.likelihood, ev.generator = self.model, self.likelihood, self.generator
+        self.global_step = upcoming
         with torch.no_grad():
-            ctxs = [c for c in (self._gather(g, graph_grads) for g in self.param_groups) if c.params]
+            ctxs = [c for c in (self._gather(g, ev) for g in self.param_groups) if c.params]
             pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
+            scopes: dict[int, list[torch.Tensor]] = {}
+            for ctx, pipe in zip(ctxs, pipes):
+                ctx.scope = scopes.setdefault(id(pipe.curvature), [])
+                ctx.scope.extend(ctx.params)
             for ctx, pipe in zip(ctxs, pipes):
                 pipe.decay.gradient(ctx)
-                if pipe.curvature is not None and pipe.curvature.due(self.global_step):
+                if pipe.curvature is not None and pipe.curvature.due(upcoming):
                     pipe.structure.update(ctx, pipe.curvature)  # type: ignore[union-attr]
             directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
             for ctx, pipe in zip(ctxs, pipes):
                 pipe.decay.parameters(ctx)
             self.step_control.apply(ctxs, directions)
-        return loss
+        return ev.loss
 
-    def _evaluate(self, closure: Callable[[], Any] | None) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
-        needs = self.needs
-        if closure is None:
-            if needs.need_closure():
-                raise PipelineError(
-                    f"recipe '{self.recipe.name}' needs {' and '.join(needs.names())}, which loss.backward(); "
-                    "opt.step() cannot give. Call opt.step(closure) with a closure that runs the forward pass "
-                    "and returns (loss, outputs), without calling backward."
-                )
-            return None, None
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        for p in params:
-            p.grad = None
-        with torch.enable_grad():
-            result = closure()
-        loss, outputs = (result[0], result[1]) if isinstance(result, (tuple, list)) else (result, None)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise PipelineError(f"the closure must return a scalar loss tensor or (loss, outputs); got {type(loss).__name__}")
-        if needs.outputs and outputs is None:
-            raise PipelineError(f"recipe '{self.recipe.name}' needs the model outputs: return (loss, outputs) from the closure")
-        self.last_outputs = outputs
-        if any(p.grad is not None for p in params):  # a torch-style closure that ran backward itself
-            if needs.create_graph:
-                raise PipelineError(
-                    f"recipe '{self.recipe.name}' needs a differentiable gradient: the closure must return the loss "
-                    "without calling backward (the optimizer runs it with create_graph)"
-                )
-            return loss.detach(), None
-        if loss.grad_fn is None:
-            raise PipelineError("the loss does not depend on any parameter that requires grad (computed under no_grad?)")
-        if needs.create_graph:
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.detach()
-            return loss.detach(), [g for g in grads if g is not None]
-        loss.backward(retain_graph=needs.outputs)
-        return loss.detach(), None
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _gather(self, group: dict[str, Any], graph_grads: list[torch.Tensor] | None) -> GroupStep:
+    def _needs_at(self, step: int) -> Needs:
+        out = self.step_control.needs()
+        for pipeline in self.pipelines.values():
+            out = out | pipeline.needs_at(step)
+        return out
+
+    def _gather(self, group: dict[str, Any], ev: Evaluation) -> GroupStep:
         pipe = self.pipelines[group["rule"]]
         params, grads, states, steps = [], [], [], []
         for p in group["params"]:
@@ -180,7 +170,7 @@ class Optimizer(torch.optim.Optimizer):
             grads.append(p.grad)
             states.append(state)
             steps.append(state["step"])
-        return GroupStep(self, group, params, grads, states, steps, self.global_step, graph_grads)
+        return GroupStep(self, group, params, grads, states, steps, self.global_step, ev)
 
     # --- checkpoints -------------------------------------------------------------------
 

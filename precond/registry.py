@@ -29,6 +29,10 @@ _listeners: list[Callable[[], None]] = []
 
 BUILTIN_MODULES = (
     "precond.curvature.empirical_fisher",
+    "precond.curvature.sampled_fisher",
+    "precond.curvature.hutchinson",
+    "precond.curvature.gauss_newton",
+    "precond.curvature.hessian",
     "precond.structure.diagonal",
     "precond.transform.identity",
     "precond.transform.inverse",

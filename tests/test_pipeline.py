@@ -35,7 +35,8 @@ class GraphProbe(Curvature):
         return Needs(create_graph=True, outputs=True)
 
     def diagonal(self, ctx):
-        GraphProbe.seen.append(ctx.graph_grads is not None and all(g.requires_grad for g in ctx.graph_grads))
+        graph = ctx.evaluation.graph_grads
+        GraphProbe.seen.append(graph is not None and all(graph[p].requires_grad for p in ctx.params))
         return DiagonalEstimate(roots=ctx.grads)
 
 
@@ -218,7 +219,7 @@ def test_recipe_round_trips_through_yaml(tmp_path) -> None:
 def test_likelihood_is_validated() -> None:
     with pytest.raises(PipelineError, match="unknown likelihood"):
         precond.build("adam", make_mlp(), likelihood="poisson")
-    assert precond.build("adam", make_mlp(), likelihood="gaussian").likelihood == "gaussian"
+    assert precond.build("adam", make_mlp(), likelihood="gaussian").likelihood.name == "gaussian"
 
 
 def test_sgd_with_cross_entropy_outputs_tuple() -> None:

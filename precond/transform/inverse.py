@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -14,14 +14,33 @@ from precond.transform.spectral import diagonal_power
 
 @register("transform", "inverse")
 class Inverse(Transform):
-    """``f(λ) = 1 / (λ + damping)``: the Newton / natural-gradient step."""
+    """``f(λ) = 1 / (scale·λ + damping)`` (``add``) or ``1 / max(scale·λ, damping)`` (``max``).
+
+    ``add`` is Tikhonov damping (the Newton / natural-gradient step); ``max``
+    is a floor, as in Sophia's ``m / max(γ·h, ε)``. ``scale`` multiplies the
+    curvature (Sophia's γ or ρ).
+    """
 
     spectral: ClassVar[bool] = True
 
-    damping: float = Field(0.0, ge=0, description="Tikhonov damping λ added to the curvature")
+    damping: float = Field(0.0, ge=0, description="Tikhonov damping added to the curvature, or its floor (max)")
+    damping_mode: Literal["add", "max"] = Field("add", description="add: 1/(scale*C + damping); max: 1/max(scale*C, damping)")
+    scale: float = Field(1.0, gt=0, description="multiplies the curvature before damping (Sophia's gamma)")
 
     def fn(self, eigenvalues: torch.Tensor) -> torch.Tensor:
-        return 1.0 / (eigenvalues + self.damping)
+        scaled = self.scale * eigenvalues
+        return 1.0 / (scaled.clamp_min(self.damping) if self.damping_mode == "max" else scaled + self.damping)
 
     def diagonal(self, values: list[torch.Tensor], divisors: list[float] | None, direction: Direction) -> Direction:
-        return diagonal_power(values, divisors, direction, 1.0, self.damping, False)
+        if self.damping_mode == "add" and self.scale == 1.0:
+            return diagonal_power(values, divisors, direction, 1.0, self.damping, False)
+        denom = list(torch._foreach_mul(values, self.scale))
+        if divisors is not None:
+            torch._foreach_div_(denom, divisors)
+        if self.damping_mode == "max":
+            torch._foreach_clamp_min_(denom, self.damping)
+        elif self.damping:
+            torch._foreach_add_(denom, self.damping)
+        if direction.denominator is not None:
+            direction = direction.materialize()
+        return Direction(direction.tensors, direction.coef, direction.owned, denom)

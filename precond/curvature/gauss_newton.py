@@ -1,0 +1,53 @@
+"""Generalized Gauss-Newton ``Jᵀ H_L J``: exact, or Monte-Carlo from sampled labels."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
+from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, per_sample_factor, sampled_output_grads
+from precond.registry import register
+
+
+@register("curvature", "gauss_newton")
+class GaussNewton(Curvature):
+    """The GGN of the batch-mean loss, ``(1/M) Σ_m J_mᵀ H_m J_m`` (``H_m``: the loss Hessian in the outputs).
+
+    Exact (``mc_samples: 0``, default): ``H_m = S_m S_mᵀ`` from the
+    likelihood's square-root factor, one backward product per sample and
+    column of ``S`` (``M·C`` products, batched): exact diagonals and dense
+    matrices for small models. Monte-Carlo (``mc_samples: k``): ``S_m``
+    replaced by ``k`` gradients ``∇_f ℓ_m(ŷ)`` at sampled labels, scaled by
+    ``1/√k`` (unbiased). Needs ``(loss, outputs)`` and a likelihood.
+    """
+
+    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full"})
+
+    mc_samples: int = Field(0, ge=0, description="0: exact; k > 0: Monte-Carlo with k sampled labels per sample")
+    chunk: int = Field(256, ge=1, description="backward products computed per pass (memory bound)")
+
+    def needs(self) -> Needs:
+        return Needs(outputs=True)
+
+    def _factor(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        ev = ctx.evaluation
+        if self.mc_samples:
+            grads, out, m = sampled_output_grads(ev, "gauss_newton", self.mc_samples)
+            return per_sample_factor(out, params, grads / self.mc_samples**0.5, self.chunk), m
+        out, m = outputs_of(ev, "gauss_newton")
+        sqrt = ev.require_likelihood("gauss_newton").hessian_sqrt(out.detach())  # (..., C, K)
+        return per_sample_factor(out, params, sqrt.reshape(m, out.shape[-1], -1), self.chunk), m
+
+    def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
+        def compute(scope: list[torch.Tensor]) -> list[torch.Tensor]:
+            factor, m = self._factor(ctx, scope)
+            return diagonal_of_factor(factor, m)
+
+        return DiagonalEstimate(values=self.shared(ctx, "diagonal", compute))
+
+    def full(self, ctx: GroupStep) -> torch.Tensor:
+        factor, m = self._factor(ctx, ctx.params)
+        return dense_of_factor(factor, m)
