@@ -9,19 +9,48 @@ from torch import nn
 
 from precond.block import Block
 from precond.errors import RecipeError
-from precond.optimizer import Optimizer
+from precond.optimizer import DEFAULT_RULE, Optimizer, param_info
 from precond.recipe import Recipe, recipe_model, resolve, validate
 
 ModelLike = nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
-def _params(model: ModelLike) -> tuple[Any, nn.Module | None]:
+def _params(model: ModelLike, recipe: Recipe) -> tuple[Any, nn.Module | None]:
+    rules = recipe.rules  # type: ignore[attr-defined]
     if isinstance(model, nn.Module):
-        return list(model.parameters()), model
+        return (assign_rules(model, recipe) if rules else list(model.parameters())), model
+    if rules:
+        raise RecipeError(
+            f"recipe '{recipe.name}' has rules that route parameters by module type and name: "
+            "pass the nn.Module to precond.build, not its parameters"
+        )
     params = list(model)
     if not params:
         raise ValueError("the model has no parameters to optimize")
     return params, None
+
+
+def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """One param group per rule that takes parameters; the first matching rule wins."""
+    groups: dict[str, list[torch.Tensor]] = {DEFAULT_RULE: []}
+    for rule in recipe.rules:  # type: ignore[attr-defined]
+        groups[rule.name] = []
+    for p, info in param_info(model).items():
+        groups[rule_of(recipe, info.name, info.module)].append(p)
+    out = []
+    for rule in [None, *recipe.rules]:  # type: ignore[attr-defined]
+        name = DEFAULT_RULE if rule is None else rule.name
+        if groups[name]:
+            sub = recipe if rule is None else rule.recipe
+            out.append({"params": groups[name], "rule": name, "lr": sub.lr, "weight_decay": sub.weight_decay})
+    return out
+
+
+def rule_of(recipe: Recipe, name: str, module: nn.Module) -> str:
+    for rule in recipe.rules:  # type: ignore[attr-defined]
+        if rule.match.matches(name, module):
+            return rule.name
+    return DEFAULT_RULE
 
 
 def build(
@@ -45,7 +74,7 @@ def build(
     random generator (probes, sampled labels).
     """
     resolved = resolve(recipe, hyper=hyper, set=set)
-    params, module = _params(model)
+    params, module = _params(model, resolved)
     return Optimizer(params, resolved, model=module, likelihood=likelihood, seed=seed)
 
 

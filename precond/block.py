@@ -61,6 +61,16 @@ class Block(BaseModel):
     def needs(self) -> Needs:
         return Needs()
 
+    # lifecycle: no-ops unless a block needs them (e.g. layer hooks for Kronecker factors)
+    def setup(self, optimizer: Optimizer) -> None:
+        """Called once when the optimizer is built (register module hooks, map layers)."""
+
+    def before_closure(self, optimizer: Optimizer, step: int) -> None:
+        """Called before the closure runs on ``step`` (arm hooks on refresh steps)."""
+
+    def after_step(self, optimizer: Optimizer) -> None:
+        """Called at the end of every step (disarm hooks, drop recorded tensors)."""
+
     def key(self, what: str) -> str:
         """The per-parameter state key this block stores ``what`` under."""
         return f"{self.kind}.{what}"
@@ -253,9 +263,18 @@ class Momentum(Block):
 
 
 class Step(Block):
-    """Chooses the step length and moves the parameters."""
+    """Chooses the step length and moves the parameters.
+
+    ``scale`` sees every group's preconditioned direction before momentum
+    ``post`` (KL clipping, the normalised natural gradient scale the natural
+    gradient, as K-FAC implementations do); ``apply`` moves the parameters
+    along the final directions (a learning rate, a line search).
+    """
 
     kind: ClassVar[str] = "step"
+
+    def scale(self, ctxs: list[GroupStep], directions: list[Direction]) -> list[Direction]:
+        return directions
 
     def apply(self, ctxs: list[GroupStep], directions: list[Direction]) -> None:
         raise NotImplementedError

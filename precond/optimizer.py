@@ -27,6 +27,28 @@ from precond.likelihood import get_likelihood
 from precond.recipe import Recipe, fingerprint
 
 STATE_VERSION = 1
+DEFAULT_RULE = "default"
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """Where a parameter lives in the model: for layer-wise blocks and messages."""
+
+    name: str  # "layer1.weight"
+    module_name: str  # "layer1"
+    module: nn.Module
+    role: str  # "weight", "bias", ...
+
+
+def param_info(model: nn.Module) -> dict[torch.Tensor, ParamInfo]:
+    """Each parameter's owning module (the first module that registers it)."""
+    out: dict[torch.Tensor, ParamInfo] = {}
+    for module_name, module in model.named_modules():
+        for role, p in module.named_parameters(recurse=False):
+            if p not in out:
+                name = f"{module_name}.{role}" if module_name else role
+                out[p] = ParamInfo(name, module_name, module, role)
+    return out
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,7 @@ class Pipeline:
                 block.init_state(param, state)
 
     def direction(self, ctx: GroupStep) -> Direction:
+        """Momentum (pre), then the transforms: the preconditioned direction."""
         d = Direction(ctx.grads, 1.0, False)
         if self.momentum is not None and self.momentum.position == "pre":  # type: ignore[attr-defined]
             d = self.momentum.apply(ctx, d)
@@ -73,6 +96,10 @@ class Pipeline:
             if not t.linear or d.denominator is not None:
                 d = d.materialize()
             d = self.structure.precondition(ctx, t, d) if t.spectral else t.apply(ctx, d)  # type: ignore[union-attr]
+        return d
+
+    def post(self, ctx: GroupStep, d: Direction) -> Direction:
+        """Momentum after preconditioning (K-FAC), if any."""
         if self.momentum is not None and self.momentum.position == "post":  # type: ignore[attr-defined]
             d = self.momentum.apply(ctx, d)
         return d
@@ -102,12 +129,18 @@ class Optimizer(torch.optim.Optimizer):
             self.likelihood = None if likelihood is None else get_likelihood(likelihood)
         except ValueError as exc:
             raise PipelineError(str(exc)) from None
-        defaults = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "rule": "default"}
+        defaults = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "rule": DEFAULT_RULE}
         super().__init__(params, defaults)
         self.recipe = recipe
         self.model = model
-        self.pipelines = {"default": Pipeline.of(recipe)}
+        self.pipelines = {DEFAULT_RULE: Pipeline.of(recipe)}
+        for rule in recipe.rules:  # type: ignore[attr-defined]
+            self.pipelines[rule.name] = Pipeline.of(rule.recipe)
+        unknown = {g["rule"] for g in self.param_groups} - set(self.pipelines)
+        if unknown:
+            raise PipelineError(f"param groups name rules {sorted(unknown)} that the recipe does not define")
         self.step_control: Step = recipe.step  # type: ignore[attr-defined]
+        self.param_info = param_info(model) if model is not None else {}
         self.needs = self.step_control.needs()
         for pipeline in self.pipelines.values():
             self.needs = self.needs | pipeline.needs()
@@ -118,13 +151,27 @@ class Optimizer(torch.optim.Optimizer):
             )
         self.generator = torch.Generator().manual_seed(seed)
         self.global_step = 0
+        self._blocks = [self.step_control] + [b for pipe in self.pipelines.values() for b in pipe.blocks()]
+        for block in self._blocks:
+            block.setup(self)
+
+    def pipeline_params(self, pipeline: Pipeline) -> list[torch.Tensor]:
+        """The parameters whose param group runs ``pipeline``."""
+        return [p for g in self.param_groups if self.pipelines[g["rule"]] is pipeline for p in g["params"]]
 
     # --- one step ----------------------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         upcoming = self.global_step + 1
         needs = self.needs if closure is None else self._needs_at(upcoming)  # the plain idiom must serve every step
-        ev = evaluate(closure, self._trainable(), needs, f"recipe '{self.recipe.name}'")
+        for block in self._blocks:
+            block.before_closure(self, upcoming)
+        try:
+            ev = evaluate(closure, self._trainable(), needs, f"recipe '{self.recipe.name}'")
+        except BaseException:
+            for block in self._blocks:
+                block.after_step(self)
+            raise
         ev.model, ev.likelihood, ev.generator = self.model, self.likelihood, self.generator
         self.global_step = upcoming
         with torch.no_grad():
@@ -139,9 +186,13 @@ class Optimizer(torch.optim.Optimizer):
                 if pipe.curvature is not None and pipe.curvature.due(upcoming):
                     pipe.structure.update(ctx, pipe.curvature)  # type: ignore[union-attr]
             directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
+            directions = self.step_control.scale(ctxs, directions)
+            directions = [pipe.post(ctx, d) for ctx, d, pipe in zip(ctxs, directions, pipes)]
             for ctx, pipe in zip(ctxs, pipes):
                 pipe.decay.parameters(ctx)
             self.step_control.apply(ctxs, directions)
+        for block in self._blocks:
+            block.after_step(self)
         return ev.loss
 
     def _trainable(self) -> list[torch.Tensor]:

@@ -49,7 +49,7 @@ class Recipe(BaseModel):
     HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
 
     def blocks(self) -> list[tuple[str, Block]]:
-        """(path, block) for every block of the recipe, in pipeline order."""
+        """(path, block) for every block of the recipe and of its rules, in pipeline order."""
         out: list[tuple[str, Block]] = []
         for kind in KINDS:
             value = getattr(self, kind, None)
@@ -57,6 +57,8 @@ class Recipe(BaseModel):
                 out.extend((f"{kind}.{i}", b) for i, b in enumerate(value))
             elif value is not None:
                 out.append((kind, value))
+        for rule in getattr(self, "rules", []):
+            out.extend((f"rules.{rule.name}.{path}", b) for path, b in rule.recipe.blocks() if not path.startswith("step"))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +67,56 @@ class Recipe(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class Match(BaseModel):
+    """Which parameters a rule takes: by owning module type, or by parameter name (fnmatch patterns)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modules: list[str] = Field(default_factory=list, description="module class names, e.g. [LayerNorm, Embedding]")
+    names: list[str] = Field(default_factory=list, description="parameter-name patterns, e.g. ['*.bias', 'head.*']")
+
+    def matches(self, name: str, module: Any) -> bool:
+        from fnmatch import fnmatchcase
+
+        return type(module).__name__ in self.modules or any(fnmatchcase(name, pat) for pat in self.names)
+
+
+class Rule(BaseModel):
+    """Route some parameters to another recipe (e.g. K-FAC's biases and norms to Adam)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field(description="the rule's name (also the param group's 'rule' key)")
+    match: Match
+    recipe: Any = Field(description="a built-in recipe name, a path, or an inline recipe (mapping)")
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, Recipe):
+            sub = value
+        elif isinstance(value, str):
+            sub = load_recipe(value)
+        elif isinstance(value, Mapping):
+            data = dict(value)
+            data.setdefault("name", (info.data or {}).get("name", "rule"))
+            sub = validate(copy.deepcopy(data), source="<rule>")
+        else:
+            raise ValueError("a rule's recipe is a built-in name, a path or a mapping")
+        if sub.rules:  # type: ignore[attr-defined]
+            raise ValueError("a rule's recipe cannot have rules of its own")
+        if sub.step.name != "lr" or sub.step != registry.get("step", "lr")():  # type: ignore[attr-defined]
+            raise ValueError("a rule cannot change the step control; the recipe's own step applies to every rule")
+        return sub
+
+    @field_validator("name")
+    @classmethod
+    def _not_default(cls, value: str) -> str:
+        if value == "default":
+            raise ValueError("'default' is the name of the recipe's own rule; choose another")
+        return value
 
 
 def _union(kind: str) -> Any:
@@ -155,6 +207,10 @@ def recipe_model() -> type[Recipe]:
     fields["transform"] = (list[t], Field(default_factory=list, description=descriptions["transform"]))  # type: ignore[valid-type]
     fields["step"] = (_union("step"), Field(default_factory=lambda: registry.get("step", "lr")(), description=descriptions["step"]))
     fields["decay"] = (_union("decay"), Field(default_factory=lambda: registry.get("decay", "l2")(), description=descriptions["decay"]))
+    fields["rules"] = (
+        list[Rule],
+        Field(default_factory=list, description="route parameters (by module type or name) to other recipes; first match wins"),
+    )
 
     def _listify(cls: Any, value: Any) -> Any:
         if value is None:
