@@ -229,6 +229,14 @@ class Structure(Block):
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
         raise NotImplementedError
 
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[torch.Tensor]:
+        """The fresh statistics ``update`` would accumulate, for the non-finite check before any state changes.
+
+        Estimates computed through :meth:`Curvature.shared` are memoised, so
+        checking costs no extra backward pass. Default: nothing to check.
+        """
+        return []
+
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
         raise NotImplementedError
 

@@ -23,6 +23,7 @@ from torch import nn
 from precond.block import Curvature, Decay, Direction, GroupStep, Momentum, Needs, Step, Structure, Transform
 from precond.errors import CheckpointError, PipelineError
 from precond.evaluation import Evaluation, evaluate
+from precond.guard import Guard
 from precond.likelihood import get_likelihood
 from precond.recipe import Recipe, fingerprint
 
@@ -151,6 +152,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         self.generator = torch.Generator().manual_seed(seed)
         self.global_step = 0
+        self.guard = Guard(recipe.on_nonfinite, recipe.max_nonfinite)
         self._blocks = [self.step_control] + [b for pipe in self.pipelines.values() for b in pipe.blocks()]
         for block in self._blocks:
             block.setup(self)
@@ -163,37 +165,78 @@ class Optimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         upcoming = self.global_step + 1
-        needs = self.needs if closure is None else self._needs_at(upcoming)  # the plain idiom must serve every step
-        for block in self._blocks:
-            block.before_closure(self, upcoming)
         try:
-            ev = evaluate(closure, self._trainable(), needs, f"recipe '{self.recipe.name}'")
-        except BaseException:
+            ev = self._evaluate(closure, upcoming)
+            with torch.no_grad():
+                problem = self._update(ev, upcoming)
+        finally:
             for block in self._blocks:
                 block.after_step(self)
-            raise
-        ev.model, ev.likelihood, ev.generator = self.model, self.likelihood, self.generator
-        self.global_step = upcoming
-        with torch.no_grad():
-            ctxs = [c for c in (self._gather(g, ev) for g in self.param_groups) if c.params]
-            pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
-            scopes: dict[int, list[torch.Tensor]] = {}
-            for ctx, pipe in zip(ctxs, pipes):
-                ctx.scope = scopes.setdefault(id(pipe.curvature), [])
-                ctx.scope.extend(ctx.params)
-            for ctx, pipe in zip(ctxs, pipes):
-                pipe.decay.gradient(ctx)
-                if pipe.curvature is not None and pipe.curvature.due(upcoming):
-                    pipe.structure.update(ctx, pipe.curvature)  # type: ignore[union-attr]
-            directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
-            directions = self.step_control.scale(ctxs, directions)
-            directions = [pipe.post(ctx, d) for ctx, d, pipe in zip(ctxs, directions, pipes)]
-            for ctx, pipe in zip(ctxs, pipes):
-                pipe.decay.parameters(ctx)
-            self.step_control.apply(ctxs, directions)
-        for block in self._blocks:
-            block.after_step(self)
+        self.guard.record(problem, upcoming)
         return ev.loss
+
+    def _evaluate(self, closure: Callable[[], Any] | None, step: int) -> Evaluation:
+        needs = self.needs if closure is None else self._needs_at(step)  # the plain idiom must serve every step
+        for block in self._blocks:
+            block.before_closure(self, step)
+        ev = evaluate(closure, self._trainable(), needs, f"recipe '{self.recipe.name}'")
+        ev.model, ev.likelihood, ev.generator = self.model, self.likelihood, self.generator
+        return ev
+
+    def _update(self, ev: Evaluation, step: int) -> str | None:
+        """One step of the pipeline; returns what was non-finite (nothing changed) or None."""
+        if ev.loss is not None and self.guard.active and not bool(torch.isfinite(ev.loss)):
+            return f"the loss is {ev.loss.item()}"
+        ctxs = [c for c in (self._gather(g, ev, step) for g in self.param_groups) if c.params]
+        grads = [g for c in ctxs for g in c.grads]
+        problem = self.guard.check(grads, lambda i: f"non-finite gradient in {self._name([p for c in ctxs for p in c.params][i])}")
+        if problem:
+            return problem
+        pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
+        scopes: dict[int, list[torch.Tensor]] = {}
+        for ctx, pipe in zip(ctxs, pipes):
+            ctx.scope = scopes.setdefault(id(pipe.curvature), [])
+            ctx.scope.extend(ctx.params)
+            pipe.decay.gradient(ctx)
+        due = [(c, p) for c, p in zip(ctxs, pipes) if p.curvature is not None and p.curvature.due(step)]
+        for ctx, pipe in due:
+            est = pipe.structure.estimates(ctx, pipe.curvature)  # type: ignore[union-attr,arg-type]
+            problem = self.guard.check(est, lambda i: f"curvature '{pipe.curvature.name}' is non-finite for {self._name(ctx.params[i])}")  # type: ignore[union-attr]  # noqa: B023
+            if problem:
+                return problem
+        self.global_step = step
+        for ctx in ctxs:
+            for s in ctx.states:
+                s["step"] += 1
+        for ctx, pipe in due:
+            pipe.structure.update(ctx, pipe.curvature)  # type: ignore[union-attr,arg-type]
+        directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
+        directions = self.step_control.scale(ctxs, directions)
+        directions = [pipe.post(ctx, d) for ctx, d, pipe in zip(ctxs, directions, pipes)]
+        if self.guard.active:
+            for ctx, d, pipe in zip(ctxs, directions, pipes):
+                problem = self.guard.check(
+                    d.tensors,
+                    lambda i: f"the update of {self._name(ctx.params[i])} is non-finite (blocks "  # noqa: B023
+                    f"{', '.join(b.name for b in pipe.blocks())}); parameters unchanged",  # noqa: B023
+                    d.denominator,
+                )
+                if problem:
+                    return problem
+        for ctx, pipe in zip(ctxs, pipes):
+            pipe.decay.parameters(ctx)
+        self.step_control.apply(ctxs, directions)
+        return None
+
+    def _name(self, p: torch.Tensor) -> str:
+        info = self.param_info.get(p)
+        if info is not None:
+            return f"parameter '{info.name}'"
+        for i, g in enumerate(self.param_groups):
+            for j, q in enumerate(g["params"]):
+                if q is p:
+                    return f"parameter {j} of param group {i}"
+        return "a parameter"
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -204,7 +247,7 @@ class Optimizer(torch.optim.Optimizer):
             out = out | pipeline.needs_at(step)
         return out
 
-    def _gather(self, group: dict[str, Any], ev: Evaluation) -> GroupStep:
+    def _gather(self, group: dict[str, Any], ev: Evaluation, step: int) -> GroupStep:
         pipe = self.pipelines[group["rule"]]
         params, grads, states, steps = [], [], [], []
         for p in group["params"]:
@@ -216,12 +259,11 @@ class Optimizer(torch.optim.Optimizer):
             if not state:
                 state["step"] = 0
                 pipe.init_state(p, state)
-            state["step"] += 1
             params.append(p)
             grads.append(p.grad)
             states.append(state)
-            steps.append(state["step"])
-        return GroupStep(self, group, params, grads, states, steps, self.global_step, ev)
+            steps.append(state["step"] + 1)  # committed once the step is known to be finite
+        return GroupStep(self, group, params, grads, states, steps, step, ev)
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -233,6 +275,7 @@ class Optimizer(torch.optim.Optimizer):
             "blocks": fingerprint(self.recipe),
             "global_step": self.global_step,
             "generator": self.generator.get_state(),
+            "nonfinite": self.guard.state_dict(),
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
         return out
@@ -294,6 +337,7 @@ class Optimizer(torch.optim.Optimizer):
         if extra is not None:
             self.global_step = int(extra["global_step"])
             self.generator.set_state(extra["generator"])
+            self.guard.load_state_dict(extra.get("nonfinite", {}))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

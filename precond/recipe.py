@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Mapping, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -45,6 +45,10 @@ class Recipe(BaseModel):
     reference: str = Field("", description="the paper or source the recipe follows")
     lr: float = Field(1e-3, ge=0, description="learning rate (a param-group value: schedulers change it)")
     weight_decay: float = Field(0.0, ge=0, description="weight-decay coefficient (a param-group value); the `decay` block says how it applies")
+    on_nonfinite: Literal["skip", "raise", "ignore"] = Field(
+        "skip", description="NaN/Inf in the loss, a gradient, a curvature estimate or the update: skip the step, raise, or ignore"
+    )
+    max_nonfinite: int = Field(10, ge=1, description="raise after this many consecutive skipped steps")
 
     HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
 

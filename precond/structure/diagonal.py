@@ -51,6 +51,12 @@ class Diagonal(Structure):
         if self.amsgrad:
             torch._foreach_maximum_(ctx.gathered(self.key("max")), diag)
 
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[torch.Tensor]:
+        est = curvature.diagonal(ctx)
+        if est.roots is not None:
+            return [] if est.roots is ctx.grads else est.roots
+        return est.values or []
+
     def statistic(self, ctx: GroupStep) -> tuple[list[torch.Tensor], list[float] | None]:
         """The stored tensors and per-tensor divisors (bias correction) or None."""
         values = ctx.gathered(self.key("max") if self.amsgrad else self.key("diag"))
