@@ -286,6 +286,8 @@ def parse_yaml(text: str | bytes, source: str = "<string>") -> tuple[Any, Locati
         raise RecipeError([Problem(where, "", f"YAML syntax error: {what}")], source) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"YAML error: {exc}", source) from None
+    except RecursionError:
+        raise RecipeError(f"nested too deeply (more than {MAX_DEPTH} levels)", source) from None
     if node is None:
         raise RecipeError([Problem(source, "", "the recipe is empty; expected a mapping with at least 'name'")], source)
     locations: Locations = {}
