@@ -108,6 +108,7 @@ class Direction:
     coef: float | list[float] = 1.0
     owned: bool = False
     denominator: list[torch.Tensor] | None = None
+    nonzero: bool = False  # the denominator cannot be 0 where finite (a damping floor); spares the check
 
     @property
     def plain(self) -> bool:
@@ -115,7 +116,7 @@ class Direction:
         return self.denominator is None and self.coef == 1.0
 
     def scaled(self, c: float | list[float]) -> Direction:
-        return Direction(self.tensors, _mul(self.coef, c), self.owned, self.denominator)
+        return Direction(self.tensors, _mul(self.coef, c), self.owned, self.denominator, self.nonzero)
 
     def materialize(self) -> Direction:
         """The same direction as plain tensors the pipeline owns."""

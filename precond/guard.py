@@ -23,22 +23,31 @@ class NonFiniteError(PrecondError, FloatingPointError):
     """Non-finite numbers in training, under ``on_nonfinite: raise`` or after too many skipped steps."""
 
 
-def first_nonfinite(tensors: list[torch.Tensor], divisors: list[torch.Tensor] | None = None) -> int | None:
+def _stack(norms: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    try:
+        return torch.stack(list(norms))
+    except RuntimeError:  # mixed dtypes or devices
+        return torch.stack([n.to("cpu", torch.float64) for n in norms])
+
+
+def first_nonfinite(
+    tensors: list[torch.Tensor], divisors: list[torch.Tensor] | None = None, nonzero: bool = False
+) -> int | None:
     """Index of the first tensor holding NaN/Inf, or None (one fused reduction, one sync).
 
     With ``divisors`` (a direction kept as ``tensors / divisors``), the numerators
     are finite state or checked gradients; the divisors are checked for NaN/Inf
-    and for zeros (their smallest magnitude must be positive and finite).
+    and, unless ``nonzero`` (a transform's damping keeps them away from zero),
+    for zeros.
     """
     if not tensors:
         return None
     if divisors is None:
-        norms = torch._foreach_norm(tensors)
-        bad = ~torch.isfinite(torch.stack([n.to(torch.float64) for n in norms]))
+        bad = ~torch.isfinite(_stack(torch._foreach_norm(tensors)))
     else:
-        lows = torch.stack([n.to(torch.float64) for n in torch._foreach_norm(divisors, float("-inf"))])
-        highs = torch.stack([n.to(torch.float64) for n in torch._foreach_norm(divisors, float("inf"))])
-        bad = ~(torch.isfinite(highs) & (lows > 0))
+        bad = ~torch.isfinite(_stack(torch._foreach_norm(divisors, float("inf"))))
+        if not nonzero:
+            bad |= ~(_stack(torch._foreach_norm(divisors, float("-inf"))) > 0)
     if not bool(bad.any()):
         return None
     return int(bad.nonzero()[0, 0])
@@ -58,12 +67,16 @@ class Guard:
         return self.policy != "ignore"
 
     def check(
-        self, tensors: list[torch.Tensor], describe: Callable[[int], str], divisors: list[torch.Tensor] | None = None
+        self,
+        tensors: list[torch.Tensor],
+        describe: Callable[[int], str],
+        divisors: list[torch.Tensor] | None = None,
+        nonzero: bool = False,
     ) -> str | None:
         """A message naming what is non-finite in ``tensors`` (or ``tensors / divisors``), or None."""
         if not self.active:
             return None
-        i = first_nonfinite(tensors, divisors)
+        i = first_nonfinite(tensors, divisors, nonzero)
         return None if i is None else describe(i)
 
     def record(self, problem: str | None, step: int) -> None:

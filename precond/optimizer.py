@@ -220,6 +220,7 @@ class Optimizer(torch.optim.Optimizer):
                     lambda i: f"the update of {self._name(ctx.params[i])} is non-finite (blocks "  # noqa: B023
                     f"{', '.join(b.name for b in pipe.blocks())}); parameters unchanged",  # noqa: B023
                     d.denominator,
+                    d.nonzero,
                 )
                 if problem:
                     return problem

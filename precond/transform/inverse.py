@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from precond.block import Direction, Transform
+from precond.block import Direction, GroupStep, Transform
 from precond.registry import register
 from precond.transform.spectral import diagonal_power
 
@@ -43,4 +43,17 @@ class Inverse(Transform):
             torch._foreach_add_(denom, self.damping)
         if direction.denominator is not None:
             direction = direction.materialize()
-        return Direction(direction.tensors, direction.coef, direction.owned, denom)
+        return Direction(direction.tensors, direction.coef, direction.owned, denom,
+                         nonzero=self.damping_mode == "max" and self.damping > 0)
+
+    def full(self, ctx: GroupStep, operator: Any, vector: torch.Tensor) -> torch.Tensor:
+        """Full form: ``(scale·C + damping·I)⁻¹ v`` (``add``: a solve) or the spectral function (``max``).
+
+        ``operator`` is the ``full`` structure's view of ``C`` (a dense matrix, its inverse, or
+        products for CG). A ``damping`` value in the param group, when present (set by the
+        ``lm`` step control, or by the user per group), takes the place of the field.
+        """
+        damping = float(ctx.group.get("damping", self.damping))
+        if self.damping_mode == "add":
+            return operator.solve(vector, self.scale, damping)
+        return operator.function(lambda lam: 1.0 / (self.scale * lam).clamp_min(damping), vector)

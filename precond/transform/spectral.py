@@ -38,4 +38,5 @@ def diagonal_power(
             torch._foreach_pow_(denom, 1.0 / root)
     if direction.denominator is not None:
         direction = direction.materialize()
-    return Direction(direction.tensors, direction.coef, direction.owned, denom)
+    # outside: sqrt(v) + eps >= eps > 0; inside: (v + eps)^(1/p) > 0 for v >= 0 (negative v gives NaN, caught)
+    return Direction(direction.tensors, direction.coef, direction.owned, denom, nonzero=damping > 0)
