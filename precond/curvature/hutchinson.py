@@ -50,15 +50,16 @@ class Hutchinson(Curvature):
 
     def draw_probes(self, params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         """``samples`` probes per parameter, ``(samples, *param.shape)``, from ``generator`` in parameter order."""
-        out = []
-        for p in params:
-            shape = (self.samples, *p.shape)
-            if self.distribution == "rademacher":
-                z = torch.randint(0, 2, shape, generator=generator, dtype=p.dtype) * 2 - 1
-            else:
-                z = torch.randn(shape, generator=generator, dtype=p.dtype)
-            out.append(z.to(p.device))
-        return out
+        sizes = [p.numel() for p in params]
+        n, dtype = sum(sizes), params[0].dtype
+        if self.distribution == "rademacher":  # one draw for all parameters, then split
+            flat = torch.randint(0, 2, (self.samples, n), generator=generator, dtype=dtype).mul_(2).sub_(1)
+        else:
+            flat = torch.randn(self.samples, n, generator=generator, dtype=dtype)
+        return [
+            z.reshape(self.samples, *p.shape).to(device=p.device, dtype=p.dtype)
+            for z, p in zip(torch.split(flat, sizes, dim=1), params)
+        ]
 
     def _average(self, d: torch.Tensor) -> torch.Tensor:
         """Mean over kernels / blocks, broadcast back to ``d``'s shape; ``d`` is ``(S, *shape)``."""
@@ -83,12 +84,12 @@ class Hutchinson(Curvature):
         hz = batched_hvp(grads, params, probes, self.chunk)
         out = []
         for z, h in zip(probes, hz):
-            d = z * h
+            d = h.mul_(z)  # z ⊙ Hz, in place: hz is ours
             if self.average_before_abs:
-                d = self._average(d).abs()
+                d = self._average(d).abs_()
             else:
-                d = self._average(d.abs() if self.abs else d)
-            out.append(d.mean(0))
+                d = self._average(d.abs_() if self.abs else d)
+            out.append(d[0] if self.samples == 1 else d.mean(0))
         return out
 
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
