@@ -443,7 +443,9 @@ def batched_vjp(
             outs, params, grad_outputs=cot, retain_graph=True, allow_unused=True, is_grads_batched=True,
             materialize_grads=True,
         )
-        for r, g in zip(results, grads):
+        for r, g, p in zip(results, grads, params):
+            if g.shape != (stop - start, *p.shape):  # unreached parameters come back as one unbatched zero
+                g = g.new_zeros(stop - start, *p.shape)
             r.append(g.detach())
     return [torch.cat(r) if len(r) > 1 else r[0] for r in results]
 

@@ -42,7 +42,12 @@ def estimate(
 
     Returns, for ``structure="diagonal"``, ``{name: tensor shaped like the
     parameter}``; for ``"full"``, one dense matrix over the trainable
-    parameters of ``model.parameters()`` flattened in order.
+    parameters of ``model.parameters()`` flattened in order; for
+    ``"kronecker"``, ``{module_name: (A, G)}`` for every Linear/Conv2d layer
+    (``A`` the input factor, with the bias coordinate last when the layer has
+    a trainable bias; ``G`` the output factor), so that ``kron(G, A)`` is the
+    layer's curvature block for ``[W.reshape(d_out, -1) | b]`` flattened
+    row-major (conventions in :mod:`precond.layers`).
     """
     block = _block(estimator, options)
     if structure not in block.fills:
@@ -54,6 +59,12 @@ def estimate(
         raise ValueError("the model has no trainable parameters")
     params = [p for _, p in named]
     saved = [p.grad for p in params]
+    recorder = None
+    if structure == "kronecker":
+        from precond.layers import Recorder, model_layers
+
+        recorder = Recorder(model_layers(model), getattr(block, "capture_output_grads", False))
+        recorder.arm()
     try:
         ev = evaluate(closure, params, block.needs(), f"curvature '{block.name}'")
         ev.model = model
@@ -62,6 +73,10 @@ def estimate(
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         ctx = GroupStep(None, {}, params, grads, [{} for _ in params], [1] * len(params), 1, ev, scope=params)  # type: ignore[arg-type]
         with torch.no_grad():
+            if recorder is not None:
+                from precond.layers import estimate_factors
+
+                return estimate_factors(block, ctx, recorder)  # type: ignore[return-value]
             if structure == "diagonal":
                 est = block.diagonal(ctx)
                 values = est.values if est.values is not None else [r * r for r in est.roots]  # type: ignore[union-attr]
@@ -70,6 +85,9 @@ def estimate(
     finally:
         for p, g in zip(params, saved):
             p.grad = g
+        if recorder is not None:
+            recorder.disarm()
+            recorder.remove()
 
 
 def _block(estimator: str | Curvature, options: dict[str, Any]) -> Curvature:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ class Summary:
     state_bytes: int
     param_bytes: int
     ms_per_step: float
+    assignment: list[tuple[str, str, str]] = field(default_factory=list)  # (parameter, module type, rule)
 
     @property
     def state_per_param(self) -> float:
@@ -56,8 +57,13 @@ class Summary:
 
 def summarize(recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 5) -> Summary:
     """Assemble ``recipe`` on a demo model, run a few steps, and measure its state and time."""
+    from precond.api import assign_rules
+
     model, x, y = demo_model(model_spec)
-    opt = Optimizer(list(model.parameters()), recipe, model=model, likelihood="categorical")
+    params = assign_rules(model, recipe) if recipe.rules else list(model.parameters())  # type: ignore[attr-defined]
+    opt = Optimizer(params, recipe, model=model, likelihood="categorical")
+    rule_of = {p: g["rule"] for g in opt.param_groups for p in g["params"]}
+    assignment = [(info.name, type(info.module).__name__, rule_of[p]) for p, info in opt.param_info.items() if p in rule_of]
 
     def closure() -> tuple[torch.Tensor, torch.Tensor]:
         out = model(x)
@@ -74,4 +80,7 @@ def summarize(recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 5) 
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     blocks = [(path, block.describe(), ", ".join(block.needs().names()) or "gradients") for path, block in recipe.blocks()]
     hyper = {k: getattr(recipe, k) for k in Recipe.HYPERPARAMETERS}
-    return Summary(recipe, blocks, hyper, opt.needs.names() or ["gradients only"], sum(p.numel() for p in model.parameters()), state_bytes, param_bytes, ms)
+    return Summary(
+        recipe, blocks, hyper, opt.needs.names() or ["gradients only"], sum(p.numel() for p in model.parameters()),
+        state_bytes, param_bytes, ms, assignment,
+    )

@@ -324,3 +324,20 @@ def test_the_graph_is_freed_after_a_step() -> None:
     gc.collect()
     assert all(r() is None for r in refs)
     assert all(p.grad.grad_fn is None and not p.grad.requires_grad for p in model.parameters())
+
+
+def test_parameters_outside_the_graph_get_zero_curvature() -> None:
+    """An unused parameter: zero rows and columns, in batched products too."""
+    model = mlp()
+    unused = nn.Parameter(torch.ones(2, dtype=D))
+    model.register_parameter("unused", unused)
+    x, y = data()
+    cl = closure_for(model, x, y)
+    params = list(model.parameters())
+    start = sum(p.numel() for p in params[: [i for i, p in enumerate(params) if p is unused][0]])
+    rows = slice(start, start + 2)
+    h = precond.estimate("hessian", model, cl, structure="full")
+    assert h.abs().sum() > 0
+    assert not h[rows].any() and not h[:, rows].any()
+    g = precond.estimate("gauss_newton", model, cl, structure="full")
+    assert not g[rows].any() and not g[:, rows].any()

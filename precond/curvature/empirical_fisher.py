@@ -9,6 +9,8 @@ from pydantic import Field
 
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, per_sample_factor
+from precond.curvature.products import outer_vp
+from precond.layers import KroneckerEstimate, Recorder, captured_output_grads, sample_count
 from precond.registry import register
 
 
@@ -22,9 +24,16 @@ class EmpiricalFisher(Curvature):
     ``(1/M) Σ_m ∇ℓ_m ∇ℓ_mᵀ`` over the ``M`` samples of the outputs (see
     :mod:`precond.curvature.common`), from the closure's ``(loss, outputs)``.
     Labels are the true ones: this is not the Fisher information.
+
+    ``kronecker``: layer factors take ``δ`` from the main backward (tensor
+    hooks on the recorded layer outputs; tf-kfac's "empirical" mode), scaled
+    by the sample count of the closure's outputs; gradient factors (Shampoo)
+    are Gram matrices of the batch gradient. ``form`` does not apply.
     """
 
-    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full"})
+    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full", "kronecker"})
+    kronecker_factors: ClassVar[frozenset[str]] = frozenset({"layer", "gradient"})
+    capture_output_grads: ClassVar[bool] = True  # δ comes from the main backward
 
     form: Literal["batch", "per_sample"] = Field("batch", description="batch gradient g g^T, or per-sample average")
     chunk: int = Field(256, ge=1, description="per-sample products computed per backward (memory bound)")
@@ -49,9 +58,29 @@ class EmpiricalFisher(Curvature):
 
         return DiagonalEstimate(values=self.shared(ctx, "diagonal", compute))
 
+    def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
+        if recorder is None:
+            return KroneckerEstimate(gradients=ctx.grads)
+        m = sample_count(ctx.evaluation.outputs, "empirical_fisher (Kronecker layer factors)")
+        return KroneckerEstimate(captured_output_grads(recorder), weight=float(m))
+
     def full(self, ctx: GroupStep) -> torch.Tensor:
         if self.form == "batch":
             g = torch.cat([t.reshape(-1) for t in ctx.grads])
             return torch.outer(g, g)
         factor, m = self._per_sample(ctx, ctx.params)
         return dense_of_factor(factor, m)
+
+    def matvec(self, ctx: GroupStep, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``C v`` without forming ``C`` (matrix-free solvers): ``g (gᵀv)`` (batch), or
+        ``(1/M) Σ_m J_mᵀ ∇_f ℓ_m ∇_f ℓ_mᵀ J_m v`` (per sample, ``J v`` by double backward)."""
+        if self.form == "batch":
+            gv = sum((g * v).sum() for g, v in zip(ctx.grads, vectors))
+            return [g * gv for g in ctx.grads]
+        ev = ctx.evaluation
+        key = (id(self), "matvec.output_grads")
+        if key not in ev.memo:
+            out, m = outputs_of(ev, "empirical_fisher(form=per_sample)")
+            (dl_df,) = torch.autograd.grad(ev.loss_graph, out, retain_graph=True)
+            ev.memo[key] = (dl_df.detach() * m).reshape(m, -1, 1)
+        return outer_vp(ev, ctx.params, ev.memo[key], vectors, "empirical_fisher(form=per_sample)")

@@ -8,7 +8,10 @@ import torch
 from pydantic import Field
 
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
+from precond.errors import PipelineError
 from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, per_sample_factor, sampled_output_grads
+from precond.curvature.products import ggn_vp, outer_vp
+from precond.layers import KroneckerEstimate, Recorder, output_grads_by_backprop
 from precond.registry import register
 
 
@@ -22,9 +25,14 @@ class GaussNewton(Curvature):
     matrices for small models. Monte-Carlo (``mc_samples: k``): ``S_m``
     replaced by ``k`` gradients ``∇_f ℓ_m(ŷ)`` at sampled labels, scaled by
     ``1/√k`` (unbiased). Needs ``(loss, outputs)`` and a likelihood.
+
+    ``kronecker`` (KFLR, Botev et al. 2017): ``G`` from backpropagating each
+    column of ``S`` (or each sampled gradient) from the outputs to the
+    recorded layer outputs; exact for the layer block of a deep linear network.
     """
 
-    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full"})
+    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full", "kronecker"})
+    kronecker_factors: ClassVar[frozenset[str]] = frozenset({"layer"})
 
     mc_samples: int = Field(0, ge=0, description="0: exact; k > 0: Monte-Carlo with k sampled labels per sample")
     chunk: int = Field(256, ge=1, description="backward products computed per pass (memory bound)")
@@ -48,6 +56,35 @@ class GaussNewton(Curvature):
 
         return DiagonalEstimate(values=self.shared(ctx, "diagonal", compute))
 
+    def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
+        if recorder is None:
+            raise PipelineError("gauss_newton fills Kronecker layer factors only (KFLR); Shampoo's gradient factors come from empirical_fisher")
+        ev = ctx.evaluation
+        key = (id(self), "kronecker")
+        if key not in ev.memo:  # one batched backward per column serves every layer of every param group
+            if self.mc_samples:
+                grads, out, m = sampled_output_grads(ev, "gauss_newton", self.mc_samples)  # (M, C, k)
+                cot = (grads / m).permute(2, 0, 1).reshape(self.mc_samples, *out.shape)
+                weight = m / self.mc_samples
+            else:
+                out, m = outputs_of(ev, "gauss_newton")
+                sqrt = ev.require_likelihood("gauss_newton").hessian_sqrt(out.detach())  # (..., C, K)
+                cot, weight = (sqrt / m).movedim(-1, 0), float(m)
+            ev.memo[key] = KroneckerEstimate(output_grads_by_backprop(recorder, out, cot, self.chunk), weight=weight)
+        return ev.memo[key]
+
     def full(self, ctx: GroupStep) -> torch.Tensor:
         factor, m = self._factor(ctx, ctx.params)
         return dense_of_factor(factor, m)
+
+    def matvec(self, ctx: GroupStep, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``G v`` without forming ``G`` (matrix-free solvers): ``J v`` by double backward through the
+        closure's outputs, the likelihood's ``hessian_vp`` (exact) or the sampled output gradients
+        (Monte-Carlo, drawn once per step), then ``Jᵀ``."""
+        ev = ctx.evaluation
+        if not self.mc_samples:
+            return ggn_vp(ev, ctx.params, vectors, "gauss_newton")
+        key = (id(self), "matvec.samples")
+        if key not in ev.memo:
+            ev.memo[key] = sampled_output_grads(ev, "gauss_newton", self.mc_samples)[0] / self.mc_samples**0.5
+        return outer_vp(ev, ctx.params, ev.memo[key], vectors, "gauss_newton")

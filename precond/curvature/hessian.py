@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from precond.autodiff import batched_hvp
+from precond.autodiff import batched_hvp, hvp
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.errors import PipelineError
 from precond.registry import register
@@ -59,3 +59,9 @@ class Hessian(Curvature):
 
     def full(self, ctx: GroupStep) -> torch.Tensor:
         return self._dense(ctx, ctx.params)
+
+    def matvec(self, ctx: GroupStep, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``H v`` (the block of ``ctx.params``) by double backward, without forming ``H`` (matrix-free solvers)."""
+        graph = ctx.evaluation.graph_grads or {}
+        grads = [graph[p] if p in graph else torch.zeros_like(p) for p in ctx.params]
+        return hvp(grads, ctx.params, vectors)

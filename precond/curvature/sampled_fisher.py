@@ -9,7 +9,10 @@ from pydantic import Field
 
 from precond.autodiff import batched_vjp
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
+from precond.errors import PipelineError
 from precond.curvature.common import dense_of_factor, diagonal_of_factor, flat_outer_mean, per_sample_factor, sampled_output_grads
+from precond.curvature.products import outer_vp
+from precond.layers import KroneckerEstimate, Recorder, output_grads_by_backprop
 from precond.registry import register
 
 
@@ -26,9 +29,15 @@ class SampledFisher(Curvature):
     ``(1/M) Σ_m ∇ℓ_m(ŷ_m) ∇ℓ_m(ŷ_m)ᵀ`` averaged over the draws (unbiased,
     lower variance, ``M`` backward products). Labels come from the
     optimizer's seeded generator; needs ``(loss, outputs)`` and a likelihood.
+
+    ``kronecker`` (K-FAC): ``δ`` for every recorded layer from one extra
+    backward of the loss at the sampled labels, from the outputs to the layer
+    outputs (one pass per draw), ``G`` averaged over the draws; ``form`` and
+    ``batch_scale`` do not apply (the scaling is in :mod:`precond.layers`).
     """
 
-    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full"})
+    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full", "kronecker"})
+    kronecker_factors: ClassVar[frozenset[str]] = frozenset({"layer"})
 
     samples: int = Field(1, ge=1, description="label draws per refresh")
     form: Literal["batch", "per_sample"] = Field("batch", description="batch gradient at sampled labels, or per sample")
@@ -59,9 +68,41 @@ class SampledFisher(Curvature):
 
         return DiagonalEstimate(values=self.shared(ctx, "diagonal", compute))
 
+    def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
+        if recorder is None:
+            raise PipelineError("sampled_fisher fills Kronecker layer factors only; Shampoo's gradient factors come from empirical_fisher")
+        ev = ctx.evaluation
+        key = (id(self), "kronecker")
+        if key not in ev.memo:  # one extra backward serves every layer of every param group
+            grads, out, m = sampled_output_grads(ev, "sampled_fisher", self.samples)  # (M, C, S)
+            cot = (grads / m).permute(2, 0, 1).reshape(self.samples, *out.shape)  # ∂L(f, ŷ_s)/∂f
+            ev.memo[key] = KroneckerEstimate(output_grads_by_backprop(recorder, out, cot, self.chunk), weight=m / self.samples)
+        return ev.memo[key]
+
     def full(self, ctx: GroupStep) -> torch.Tensor:
         if self.form == "per_sample":
             factor, m = self._per_sample(ctx, ctx.params)
             return dense_of_factor(factor, m)
         rows, m = self._batch_grads(ctx, ctx.params)
         return flat_outer_mean(rows, m if self.batch_scale else 1.0)
+
+    def matvec(self, ctx: GroupStep, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``F v`` without forming ``F`` (matrix-free solvers); labels are drawn once per step.
+
+        ``per_sample``: ``(1/M) Σ_m J_mᵀ ĝ_m ĝ_mᵀ J_m v`` (``J v`` by double backward);
+        ``batch``: ``B · mean_s ĝ_s (ĝ_sᵀ v)`` from the batch gradients at the sampled labels.
+        """
+        ev = ctx.evaluation
+        key = (id(self), "matvec", tuple(id(p) for p in ctx.params))
+        if key not in ev.memo:
+            if self.form == "per_sample":
+                ev.memo[key] = sampled_output_grads(ev, "sampled_fisher", self.samples)[0] / self.samples**0.5
+            else:
+                rows, m = self._batch_grads(ctx, ctx.params)
+                ev.memo[key] = (torch.cat([r.reshape(r.shape[0], -1) for r in rows], dim=1), m if self.batch_scale else 1.0)
+        if self.form == "per_sample":
+            return outer_vp(ev, ctx.params, ev.memo[key], vectors, "sampled_fisher")
+        rows, scale = ev.memo[key]
+        flat = torch.cat([v.reshape(-1) for v in vectors])
+        out = scale * (rows.T @ (rows @ flat)) / rows.shape[0]
+        return [c.view_as(p) for c, p in zip(torch.split(out, [p.numel() for p in ctx.params]), ctx.params)]

@@ -31,6 +31,14 @@ class Inverse(Transform):
         scaled = self.scale * eigenvalues
         return 1.0 / (scaled.clamp_min(self.damping) if self.damping_mode == "max" else scaled + self.damping)
 
+    def kronecker(self) -> tuple[float, float, bool] | None:
+        """``(p, damping, outside)`` with ``f(C) = (C + damping)^(-1/p)``, for per-factor damping on a
+        Kronecker structure; ``None`` when ``scale`` or ``damping_mode: max`` make ``f`` another
+        function (then only the structure's exact damping, which applies :meth:`fn`, serves)."""
+        if self.scale != 1.0 or self.damping_mode != "add":
+            return None
+        return 1.0, self.damping, False
+
     def diagonal(self, values: list[torch.Tensor], divisors: list[float] | None, direction: Direction) -> Direction:
         if self.damping_mode == "add" and self.scale == 1.0:
             return diagonal_power(values, divisors, direction, 1.0, self.damping, False)

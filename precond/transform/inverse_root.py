@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from precond.block import Direction, Transform
+from precond.block import Direction, GroupStep, Transform
 from precond.registry import register
 from precond.transform.spectral import diagonal_power
 
@@ -30,5 +30,13 @@ class InverseRoot(Transform):
             return 1.0 / (eigenvalues.clamp_min(0) ** (1.0 / self.p) + self.damping)
         return (eigenvalues.clamp_min(0) + self.damping) ** (-1.0 / self.p)
 
+    def kronecker(self) -> tuple[float, float, bool]:
+        """``(p, damping, outside)`` for per-factor damping on a Kronecker structure."""
+        return self.p, self.damping, self.damping_position == "outside"
+
     def diagonal(self, values: list[torch.Tensor], divisors: list[float] | None, direction: Direction) -> Direction:
         return diagonal_power(values, divisors, direction, self.p, self.damping, self.damping_position == "outside")
+
+    def full(self, ctx: GroupStep, operator: Any, vector: torch.Tensor) -> torch.Tensor:
+        """Full form: ``f(C) v`` through the eigendecomposition the ``full`` structure keeps."""
+        return operator.function(self.fn, vector)

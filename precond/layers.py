@@ -1,0 +1,375 @@
+"""Layers for Kronecker-factored curvature: which modules, their rows, and forward hooks.
+
+K-FAC approximates the curvature block of a layer ``s = W a (+ b)`` by
+``A ⊗ G`` with ``A`` built from the layer's inputs ``a`` and ``G`` from the
+gradients ``g = ∂L/∂s`` of its outputs. Conventions (ALGORITHMS.md §13; the
+loss is the batch mean ``L = (1/M) Σ_m ℓ_m`` over ``M`` samples of the model
+outputs, see :mod:`precond.curvature.common`):
+
+* A layer's inputs and output gradients are cut into *rows*: every leading
+  dimension (batch, sequence, tokens) is folded into the batch, and a
+  ``Conv2d`` contributes one row per example and spatial location (KFC
+  patches, Grosse & Martens 2016). ``R`` is the number of rows.
+* ``A = (1/R) Σ_r a_r a_rᵀ`` with ``a_r`` the input row, with a trailing 1
+  (the homogeneous coordinate) when the layer's bias is preconditioned with
+  its weight.
+* ``G = w · Σ_k Σ_r g_rk g_rkᵀ`` where ``g_rk`` are output gradients of the
+  mean loss (``k`` over sampled labels or Hessian-root columns) and the
+  estimator's weight ``w`` is ``M`` (or ``M / samples``): per-sample output
+  gradients are ``M·g``, so for one row per sample ``G = (1/M) Σ_m δ_m δ_mᵀ``.
+  For a convolution this gives KFC's ``|T| · Ω ⊗ Γ`` (expectations over
+  examples and locations), the location-count factor ``|T|`` landing in ``G``.
+* The weight is flattened row-major with the bias as an extra last column:
+  ``V = [dW.reshape(d_out, -1) | db]`` of shape ``(d_out, d_in (+1))``, and
+  the curvature acts as ``G V Aᵀ``; as a matrix it is ``kron(G, A)`` on
+  ``V.flatten()``.
+
+A :class:`Recorder` registers one forward hook per layer once; the hooks do
+nothing unless armed (on curvature refresh steps), then keep the layer
+inputs (detached) and outputs (with their graph), and optionally capture the
+output gradients of the main backward pass with tensor hooks.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from precond.errors import PipelineError
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def supported(module: nn.Module) -> str | None:
+    """``None`` if K-FAC can handle ``module``, else the reason it cannot."""
+    if not isinstance(module, SUPPORTED):
+        return f"{type(module).__name__} is not a Linear or Conv2d layer"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"Conv2d with groups={module.groups} (grouped or depthwise convolutions) is not supported"
+    return None
+
+
+@dataclass(eq=False)
+class Layer:
+    """One Linear or Conv2d module and which of its parameters are preconditioned together."""
+
+    name: str
+    module: nn.Module
+    weight: Tensor | None
+    bias: Tensor | None
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def d_out(self) -> int:
+        return self.module.weight.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        """Input-factor size: the flattened weight row, plus 1 with a bias."""
+        return self.module.weight[0].numel() + (1 if self.bias is not None else 0)
+
+    # --- rows ---------------------------------------------------------------------------
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """``(R, d_in)``: one row per example and location, with a trailing 1 for the bias."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            padding = m.padding
+            if m.padding_mode != "zeros" or isinstance(padding, str):
+                x = F.pad(x, _explicit_padding(m), mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+                padding = 0
+            patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        if self.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        """``(R', d_out)`` rows of an output-shaped tensor (extra leading dimensions are folded in)."""
+        if isinstance(self.module, nn.Conv2d):
+            g = g.movedim(-3, -1)
+        return g.reshape(-1, g.shape[-1])
+
+    # --- gradient-shaped matrices -------------------------------------------------------
+
+    def to_matrix(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """``V = [W.reshape(d_out, -1) | b]`` (missing parts as zeros)."""
+        ref = self.module.weight
+        cols = []
+        if self.weight is not None:
+            cols.append((weight if weight is not None else torch.zeros_like(ref)).reshape(self.d_out, -1))
+        else:
+            cols.append(ref.new_zeros(self.d_out, 0))
+        if self.bias is not None:
+            cols.append((bias if bias is not None else torch.zeros_like(self.bias)).reshape(self.d_out, 1))
+        return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+
+    def from_matrix(self, v: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        w = b = None
+        if self.weight is not None:
+            w = v[:, : self.module.weight[0].numel()].reshape(self.weight.shape)
+        if self.bias is not None:
+            b = v[:, -1].reshape(self.bias.shape)
+        return w, b
+
+
+def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``F.pad`` amounts (left, right, top, bottom) for a Conv2d's padding (ints, 'same' or 'valid')."""
+    if m.padding == "valid":
+        return (0, 0, 0, 0)
+    if m.padding == "same":
+        out = []
+        for k, d in zip(reversed(m.kernel_size), reversed(m.dilation)):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)  # type: ignore[return-value]
+    ph, pw = m.padding  # type: ignore[misc]
+    return (pw, pw, ph, ph)
+
+
+def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> dict[Tensor, Layer]:
+    """Map each parameter to its layer; a parameter K-FAC cannot cover fails with a message suggesting a rule.
+
+    ``info`` is :attr:`precond.optimizer.Optimizer.param_info`.
+    """
+    out: dict[Tensor, Layer] = {}
+    layers: dict[int, Layer] = {}
+    problems = []
+    for p in params:
+        meta = info.get(p)
+        if meta is None:
+            problems.append(("<unnamed parameter>", "unknown", "it is not a parameter of the model"))
+            continue
+        reason = supported(meta.module)
+        if reason is None and meta.role not in ("weight", "bias"):
+            reason = f"'{meta.role}' is neither the weight nor the bias of its {type(meta.module).__name__}"
+        if reason is not None:
+            problems.append((meta.name, type(meta.module).__name__, reason))
+            continue
+        layer = layers.get(id(meta.module))
+        if layer is None:
+            layer = layers[id(meta.module)] = Layer(meta.module_name, meta.module, None, None)
+        setattr(layer, meta.role, p)
+        out[p] = layer
+    if problems:
+        # whole module types can be routed by type; supported types in an unsupported configuration
+        # (grouped convolutions) and unknown owners by parameter name
+        kinds = sorted({k for n, k, _ in problems if k != "unknown" and not k.startswith(tuple(t.__name__ for t in SUPPORTED))})
+        names = [n for n, k, _ in problems if k not in kinds]
+        match = ", ".join(part for part in (f"modules: [{', '.join(kinds)}]" if kinds else "",
+                                            f"names: [{', '.join(repr(n) for n in names[:4])}{', ...' if len(names) > 4 else ''}]" if names else "") if part)
+        lines = "; ".join(f"'{n}' ({reason})" for n, _, reason in problems[:8])
+        more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
+        hint = f"route them to another recipe with a rule, e.g. rules: [{{name: fallback, match: {{{match}}}, recipe: adam}}]"
+        raise PipelineError(f"{who} has Kronecker factors only for Linear and Conv2d layers; it cannot cover {lines}{more}: {hint}")
+    return out
+
+
+# --- recording ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Record:
+    """What one armed forward pass left for a layer (one entry per call of the module)."""
+
+    inputs: list[Tensor] = field(default_factory=list)  # detached layer inputs
+    outputs: list[Tensor] = field(default_factory=list)  # layer outputs with their graph
+    versions: list[int] = field(default_factory=list)  # output version counters at record time
+    grads: list[Tensor | None] = field(default_factory=list)  # ∂L/∂output of the main backward (if captured)
+
+
+class Recorder:
+    """Forward hooks on ``layers``, registered once; they record only while armed.
+
+    ``capture_grads``: also capture each recorded output's gradient from the
+    first backward pass through it (the main backward; used by the empirical
+    Fisher). The hooks are removed when ``owner`` (the optimizer) is
+    garbage-collected, or by :meth:`remove`.
+    """
+
+    def __init__(self, layers: Iterable[Layer], capture_grads: bool, owner: Any = None) -> None:
+        self.layers = list(dict.fromkeys(layers))
+        self.capture_grads = capture_grads
+        self.armed = False
+        self.records: dict[Layer, Record] = {}
+        self.handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
+        if owner is not None:
+            weakref.finalize(owner, _remove_handles, list(self.handles))
+
+    def _hook(self, layer: Layer) -> Any:
+        recorder = weakref.ref(self)
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            self_ = recorder()
+            if self_ is None or not self_.armed or not torch.is_grad_enabled():
+                return
+            if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+                return
+            if not output.requires_grad:
+                return
+            rec = self_.records.setdefault(layer, Record())
+            rec.inputs.append(inputs[0].detach())
+            rec.outputs.append(output)
+            rec.versions.append(output._version)
+            rec.grads.append(None)
+            if self_.capture_grads:
+                index = len(rec.grads) - 1
+
+                def capture(grad: Tensor) -> None:
+                    if rec.grads[index] is None:
+                        rec.grads[index] = grad.detach()
+
+                output.register_hook(capture)
+
+        return hook
+
+    def arm(self) -> None:
+        self.records = {}
+        self.armed = True
+
+    def disarm(self) -> None:
+        """Stop recording and drop everything recorded (the graph goes with it)."""
+        self.armed = False
+        self.records = {}
+
+    def remove(self) -> None:
+        _remove_handles(self.handles)
+        self.handles = []
+
+    def check_intact(self, layer: Layer) -> None:
+        rec = self.records.get(layer)
+        if rec is None:
+            return
+        for out, version in zip(rec.outputs, rec.versions):
+            if out._version != version:
+                raise PipelineError(
+                    f"the output of layer '{layer.name}' was modified in place after the layer ran (e.g. "
+                    "nn.ReLU(inplace=True)); Kronecker factors need the layer outputs intact: use inplace=False"
+                )
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
+
+
+def output_grads_by_backprop(recorder: Recorder, outputs: Tensor, cotangents: Tensor, chunk: int = 16) -> dict[Layer, list[Tensor]]:
+    """Backpropagate ``cotangents`` ``(K, *outputs.shape)`` from the model outputs to every recorded layer output.
+
+    One pass through the recorded graph per chunk of cotangents (vmapped over
+    the autograd engine when ``K > 1``) gives the gradients of all layers at
+    once. Returns, per layer, one ``(K, *layer_output.shape)`` tensor per call.
+    """
+    from precond.autodiff import batched_vjp
+
+    targets: list[tuple[Layer, Tensor]] = []
+    for layer, rec in recorder.records.items():
+        recorder.check_intact(layer)
+        targets.extend((layer, out) for out in rec.outputs)
+    if not targets:
+        return {}
+    k = cotangents.shape[0]
+    grads = batched_vjp(outputs, [t for _, t in targets], lambda a, b: cotangents[a:b], k, chunk)
+    out: dict[Layer, list[Tensor]] = {}
+    for (layer, _), g in zip(targets, grads):
+        out.setdefault(layer, []).append(g)
+    return out
+
+
+def captured_output_grads(recorder: Recorder) -> dict[Layer, list[Tensor]]:
+    """The output gradients the tensor hooks captured in the main backward, as ``(1, *shape)`` per call."""
+    out: dict[Layer, list[Tensor]] = {}
+    for layer, rec in recorder.records.items():
+        recorder.check_intact(layer)
+        out[layer] = [(g if g is not None else torch.zeros_like(o)).unsqueeze(0) for g, o in zip(rec.grads, rec.outputs)]
+    return out
+
+
+@dataclass
+class KroneckerEstimate:
+    """What a curvature hands a Kronecker structure.
+
+    Layer factors: ``output_grads`` per layer (one ``(K, *output.shape)``
+    tensor per call of the layer) and ``weight`` ``w`` with
+    ``G = w Σ_k Σ_rows g gᵀ``. Gradient factors (Shampoo): ``gradients``, one
+    tensor per parameter of the group.
+    """
+
+    output_grads: dict[Layer, list[Tensor]] | None = None
+    weight: float = 1.0
+    gradients: list[Tensor] | None = None
+
+
+def layer_rows(layer: Layer, record: Record, grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Input rows ``(R, d_in)`` and output-gradient rows ``(K, R, d_out)`` over all calls, row-aligned."""
+    a = [layer.input_rows(x) for x in record.inputs]
+    g = [layer.output_rows(t).reshape(t.shape[0], -1, layer.d_out) for t in grads]
+    return (torch.cat(a) if len(a) > 1 else a[0]), (torch.cat(g, dim=1) if len(g) > 1 else g[0])
+
+
+def layer_factors(a_rows: Tensor, g_rows: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """One batch's ``A = (1/R) Σ a aᵀ`` and ``G = w Σ_k Σ_r g gᵀ`` from :func:`layer_rows`."""
+    flat = g_rows.reshape(-1, g_rows.shape[-1])
+    return a_rows.T @ a_rows / a_rows.shape[0], (flat.T @ flat) * weight
+
+
+def sample_count(outputs: Any, who: str) -> int:
+    """``M``: the number of samples in the closure's outputs (all but the last dimension)."""
+    out = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
+    if not isinstance(out, Tensor) or out.dim() == 0:
+        raise PipelineError(
+            f"{who} needs the number of samples in the loss to scale the output-gradient factor: "
+            "return (loss, outputs) from the closure"
+        )
+    return out.numel() // out.shape[-1]
+
+
+def warn_silent(layers: list[Layer], who: str) -> None:
+    names = ", ".join(f"'{l.name}' ({type(l.module).__name__})" for l in layers)
+    warnings.warn(
+        f"{who}: the forward hooks of {names} did not fire on a curvature step (the module was not called "
+        "inside the closure, or only under no_grad); their factors were not updated",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+# --- without an optimizer (precond.estimate) ---------------------------------------------------
+
+
+def model_layers(model: nn.Module) -> list[Layer]:
+    """Every Linear/Conv2d of ``model`` with a trainable weight (its bias included when trainable)."""
+    out = []
+    for name, module in model.named_modules():
+        if supported(module) is not None or not module.weight.requires_grad:
+            continue
+        bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+        out.append(Layer(name, module, module.weight, bias))
+    return out
+
+
+def estimate_factors(curvature: Any, ctx: Any, recorder: Recorder) -> dict[str, tuple[Tensor, Tensor]]:
+    """One batch's ``{module_name: (A, G)}`` for every recorded layer (see the module docstring)."""
+    est = curvature.kronecker(ctx, recorder)
+    out = {}
+    for layer in recorder.layers:
+        rec = recorder.records.get(layer)
+        grads = (est.output_grads or {}).get(layer)
+        if rec is None or not rec.inputs or not grads:
+            continue
+        a, g = layer_factors(*layer_rows(layer, rec, grads), est.weight)
+        out[layer.name] = (a.detach().clone(), g.detach().clone())
+    return out

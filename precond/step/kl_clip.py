@@ -1,0 +1,49 @@
+"""``kl_clip``: K-FAC's KL clipping of the natural-gradient step, then the learning-rate step (ALGORITHMS.md §13)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from precond.block import Direction, GroupStep
+from precond.linalg.kron import kl_clip_scale
+from precond.registry import register
+from precond.step.lr import LR
+
+
+@register("step", "kl_clip")
+class KLClip(LR):
+    """Shrink the preconditioned direction ``v = f(C) g`` by ``ν = min(1, sqrt(c / (Σ lr² ⟨v, g⟩)))``, then step with ``lr``.
+
+    Ba, Grosse & Martens 2017 §5 as tf-kfac, kfac-pytorch, alecwangcq's
+    KFAC-Pytorch and baselines implement it: ``c = max_kl`` is used directly
+    (no factor 2), ``⟨v, g⟩ = vᵀ(C + λI)v`` for an exact damped solve, so
+    after clipping the predicted squared Fisher norm of the step ``lr·ν·v`` is
+    exactly ``c`` when ``ν < 1``. ``ν`` is computed over every param group of
+    the recipe's own rule (``scope: default``; parameters routed by rules to
+    fallback recipes step with their plain ``lr``, as kfac-pytorch leaves
+    unregistered layers to the wrapped SGD) or over all groups (``scope: all``),
+    before momentum ``post`` (K-FAC's momentum averages clipped natural
+    gradients). ``ν = 1`` when ``Σ lr²⟨v, g⟩ <= 0``. The last ``ν`` is kept in
+    the first such parameter's state as ``step.kl_scale``.
+    """
+
+    max_kl: float = Field(1e-3, gt=0.0, description="the bound c on lr^2 * sum <f(C) g, g> (K-FAC's kl_clip)")
+    scope: Literal["default", "all"] = Field("default", description="param groups the clip measures and scales: the recipe's own rule, or all")
+
+    def scale(self, ctxs: list[GroupStep], directions: list[Direction]) -> list[Direction]:
+        chosen = [i for i, ctx in enumerate(ctxs) if self.scope == "all" or ctx.group.get("rule", "default") == "default"]
+        if not chosen:
+            return directions
+        directions = list(directions)
+        total = 0.0
+        for i in chosen:
+            ctx, d = ctxs[i], directions[i].materialize()
+            directions[i] = d
+            rate = self.rate(ctx)
+            rates = rate if isinstance(rate, list) else [rate] * len(ctx.params)
+            total += sum(r * r * float((v * g).sum()) for r, v, g in zip(rates, d.tensors, ctx.grads))
+        nu = float(kl_clip_scale(total, 1.0, self.max_kl))
+        ctxs[chosen[0]].states[0][self.key("kl_scale")] = nu
+        return [d.scaled(nu) if i in chosen else d for i, d in enumerate(directions)]

@@ -1,0 +1,101 @@
+"""``lm``: Levenberg–Marquardt adaptation of the damping from the reduction ratio (ALGORITHMS.md §4).
+
+After the step ``p = −lr·d`` the closure is evaluated once more (forward only) and
+
+    ρ = (L(θ + p) − L(θ)) / (q(p) − q(0)),   q(p) − q(0) = gᵀp + ½ pᵀ(C + λI)p
+
+compares the actual change of the loss with the change the damped quadratic
+model predicted (Martens 2010). ``ρ < lower``: ``λ ← increase·λ``;
+``ρ > upper``: ``λ ← decrease·λ``; otherwise ``λ`` is kept (defaults 1/4,
+3/4, 3/2, 2/3: Martens & Sutskever 2012 §8.5). ``pᵀ(C + λI)p`` comes from the
+``full`` structure (exact for a CG solve: from its objective value); for an
+exact solve it equals ``gᵀd``.
+
+The damping is a param-group value, ``group["damping"]``, initialised from the
+``inverse`` transform's ``damping`` field and read by that transform (full
+form), so checkpoints and per-group settings carry it like ``lr``. The loss is
+that of the closure plus ``½·wd·‖θ‖²`` for ``l2`` weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+from pydantic import Field
+
+from precond.block import Direction, GroupStep, Needs, Step
+from precond.errors import PipelineError
+from precond.linalg.cg import lm_damping_update
+from precond.registry import register
+from precond.step.line_search import l2_coefficients, loss_at_current, objective
+from precond.step.lr import apply_update
+from precond.structure.full import QUADRATIC
+
+
+@register("step", "lm")
+class LevenbergMarquardt(Step):
+    """``θ ← θ − lr·d``, then adapt the damping ``λ`` of ``inverse`` from the reduction ratio ρ (one extra forward pass)."""
+
+    lower: float = Field(0.25, description="rho below this: increase the damping")
+    upper: float = Field(0.75, description="rho above this: decrease the damping")
+    increase: float = Field(1.5, gt=1.0, description="damping factor when rho < lower")
+    decrease: float = Field(2.0 / 3.0, gt=0.0, lt=1.0, description="damping factor when rho > upper")
+    every: int = Field(1, ge=1, description="adapt on every k-th step only (the extra forward pass too)")
+    min_damping: float = Field(0.0, ge=0.0, description="lower bound of the damping")
+    max_damping: Union[float, None] = Field(None, gt=0.0, description="upper bound of the damping (None: no bound)")
+
+    def needs(self) -> Needs:
+        return Needs(closure=True)
+
+    def setup(self, optimizer: Any) -> None:
+        for group in optimizer.param_groups:
+            self._damping(optimizer, group)
+
+    def _damping(self, optimizer: Any, group: dict[str, Any]) -> float:
+        """The group's damping, initialised from its ``inverse`` transform on first use."""
+        if "damping" not in group:
+            pipe = optimizer.pipelines[group["rule"]]
+            inverse = [t for t in pipe.transforms if t.name == "inverse"]
+            if not inverse or pipe.structure is None or pipe.structure.form != "full":
+                raise PipelineError(
+                    "step 'lm' adapts the damping of transform 'inverse' on structure 'full'; "
+                    f"param group rule '{group['rule']}' has neither"
+                )
+            if pipe.momentum is not None:
+                raise PipelineError(
+                    "step 'lm' compares the loss change with the model's prediction for d itself: remove the momentum block"
+                )
+            group["damping"] = float(inverse[0].damping)
+        if not group["damping"] > 0:
+            raise PipelineError(
+                "step 'lm' scales the damping up and down by factors, so it must start above 0: "
+                "set the inverse transform's damping (e.g. 1.0)"
+            )
+        return float(group["damping"])
+
+    def apply(self, ctxs: list[GroupStep], directions: list[Direction]) -> None:
+        if not ctxs:
+            return
+        directions = [d.materialize() for d in directions]
+        params = [p for c in ctxs for p in c.params]
+        l2 = l2_coefficients(ctxs, "step 'lm'")
+        f0 = objective(float(ctxs[0].evaluation.loss), params, l2)
+        predicted = 0.0
+        for ctx, d in zip(ctxs, directions):
+            gd = sum(float((g * t).sum()) for g, t in zip(ctx.grads, d.tensors))
+            quad = ctx.extra.get(QUADRATIC)
+            dad = quad[1] * (gd / quad[0]) ** 2 if quad is not None and quad[0] else gd
+            predicted += -ctx.lr * gd + 0.5 * ctx.lr**2 * dad
+            apply_update(ctx.params, d, ctx.lr)
+        if (ctxs[0].step - 1) % self.every:
+            return
+        f1 = loss_at_current(ctxs, "step 'lm'")
+        rho = (f1 - f0) / predicted if predicted < 0 else math.nan
+        top = math.inf if self.max_damping is None else self.max_damping
+        for ctx in ctxs:
+            ctx.group["damping"] = lm_damping_update(
+                self._damping(ctx.optimizer, ctx.group), rho, self.lower, self.upper, self.increase, self.decrease,
+                min_damping=self.min_damping, max_damping=top,
+            )
+        ctxs[0].states[0][self.key("rho")] = rho

@@ -1,0 +1,262 @@
+"""K-BFGS and K-BFGS(L): Kronecker-factored BFGS per layer (Goldfarb, Ren & Bahamou 2020; ALGORITHMS.md §14).
+
+For a layer ``a = W h (+ b)`` (Linear or Conv2d, rows as in :mod:`precond.layers`)
+the inverse curvature is ``H_g ⊗ H_a`` and the direction of the gradient-shaped
+``V = [dW | db]`` is ``H_g V H_a``:
+
+* activation side: ``A ← β A + (1 − β) hhᵀ`` (the first step: ``hhᵀ``) with
+  ``hhᵀ = (1/R) Σ_r h_r h_rᵀ`` over the input rows (homogeneous coordinate for
+  the bias), ``A_LM = A + √λ I``; ``H_a = A_LM⁻¹`` on the first step, then
+  one BFGS update per step with the Hessian-action pair ``s_a = H_a h̄``,
+  ``y_a = A_LM s_a`` (``h̄`` the mean input row), so ``H_a`` tracks ``A_LM⁻¹``
+  along the directions the inputs visit;
+* pre-activation side: after the parameter step the closure runs once more on
+  the same batch (forward and backward, the layer hooks recording), and
+  ``s_g = ā(θ₊) − ā(θ)``, ``y_g = ḡ(θ₊) − ḡ(θ)`` with ``ā`` the mean
+  pre-activation row and ``ḡ`` the mean per-sample output gradient (``M·∂L/∂a``);
+  the pair is averaged (``pair_decay``), damped twice — Powell with ``H_g``
+  (``sᵀy ≥ μ₁ yᵀH_g y``, ``μ₁ = 0.2``), then Levenberg–Marquardt
+  (``sᵀy ≥ μ₂ sᵀs``, ``μ₂ = √λ``) — and ``H_g`` gets a BFGS update (K-BFGS,
+  from ``H_g = I``) or the pair joins an L-BFGS memory (K-BFGS(L), ``H₀ = I``).
+
+The curvature block is ``secant`` (the pairs are secant pairs of the layer's
+pre-activations, formed by this structure from its hooks). Momentum on the
+gradient (``ĝ = 0.9 ĝ + 0.1 g``), the ``τ = 1e-5`` L2 term and the step are the
+recipe's blocks. Only ``inverse`` (undamped: the damping is ``λ`` here) applies.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
+from precond.errors import PipelineError
+from precond.evaluation import evaluate
+from precond.layers import Layer, Recorder, find_layers, layer_rows, sample_count
+from precond.linalg.quasi_newton import bfgs_inverse_update, double_damping, two_loop
+from precond.registry import register
+
+_RUNTIMES: weakref.WeakKeyDictionary[Any, dict[int, _Runtime]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(eq=False)
+class _Runtime:
+    layers: dict[Tensor, Layer] = field(default_factory=dict)
+    recorder: Recorder | None = None
+    pending: dict[str, Any] | None = None  # this step's pre-activation statistics and closure, for after_step
+
+
+class _LBFGSOperator:
+    """``H v`` of an L-BFGS memory with ``H₀ = I`` (``@`` works on vectors and on column blocks)."""
+
+    def __init__(self, s: Tensor | None, y: Tensor | None) -> None:
+        self.s = [] if s is None else list(s)
+        self.y = [] if y is None else list(y)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        if v.dim() == 1:
+            return two_loop(v.neg(), self.s, self.y, None, 1.0)
+        return torch.stack([self @ col for col in v.T], dim=1)
+
+
+@register("structure", "kbfgs")
+class KBFGS(Structure):
+    """K-BFGS: per layer ``H_g ⊗ H_a``, BFGS with Hessian action on the inputs' side, damped BFGS or L-BFGS
+    on secant pairs of the pre-activations (one extra forward/backward pass per step)."""
+
+    form: ClassVar[str] = "kbfgs"
+
+    damping: float = Field(0.3, gt=0.0, description="lambda: A + sqrt(lambda) I, and mu2 = sqrt(lambda) in the LM damping")
+    a_decay: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the activation factor A")
+    pair_decay: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the pre-activation pairs (0: none, full batch)")
+    mu1: float = Field(0.2, gt=0.0, lt=1.0, description="Powell damping threshold: s'y >= mu1 y'H_g y")
+    g_update: Literal["bfgs", "lbfgs"] = Field("bfgs", description="H_g by BFGS (K-BFGS) or limited memory (K-BFGS(L))")
+    memory: int = Field(100, ge=1, description="K-BFGS(L): pairs kept")
+
+    def needs(self) -> Needs:
+        return Needs(hooks=True, closure=True, outputs=True)
+
+    def supports(self, transform: Transform) -> bool:
+        return (
+            transform.name == "inverse"
+            and getattr(transform, "damping", 0.0) == 0.0
+            and getattr(transform, "scale", 1.0) == 1.0
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def setup(self, optimizer: Any) -> None:
+        table = _RUNTIMES.setdefault(optimizer, {})
+        if id(self) in table:
+            return
+        pipes = [p for p in optimizer.pipelines.values() if p.structure is self]
+        if any(p.curvature is None or p.curvature.name != "secant" for p in pipes):
+            raise PipelineError("structure 'kbfgs' forms its secant pairs from the layers: use curvature: {type: secant}")
+        params = [q for pipe in pipes for q in optimizer.pipeline_params(pipe) if q.requires_grad]
+        rt = _Runtime()
+        rt.layers = find_layers(params, optimizer.param_info, f"recipe '{optimizer.recipe.name}' (structure kbfgs)")
+        group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        for layer in dict.fromkeys(rt.layers.values()):
+            if len({group_of[p] for p in layer.params}) > 1:
+                raise PipelineError(
+                    f"the weight and bias of layer '{layer.name}' are in different param groups; K-BFGS needs them together"
+                )
+        rt.recorder = Recorder(dict.fromkeys(rt.layers.values()), capture_grads=True, owner=optimizer)
+        table[id(self)] = rt
+
+    def _runtime(self, optimizer: Any) -> _Runtime:
+        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
+        if rt is None:
+            raise PipelineError("structure 'kbfgs' runs inside a precond Optimizer (its setup was not called)")
+        return rt
+
+    def before_closure(self, optimizer: Any, step: int) -> None:
+        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
+        if rt is not None and rt.recorder is not None:
+            rt.pending = None
+            rt.recorder.arm()
+
+    def after_step(self, optimizer: Any) -> None:
+        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
+        if rt is None or rt.recorder is None:
+            return
+        pending, rt.pending = rt.pending, None
+        try:
+            if pending is not None:
+                self._pre_activation_update(optimizer, rt, pending)
+        finally:
+            rt.recorder.disarm()
+
+    # --- statistics -------------------------------------------------------------------------
+
+    def _layers(self, ctx: GroupStep, rt: _Runtime) -> list[tuple[Layer, list[int]]]:
+        pos = {p: i for i, p in enumerate(ctx.params)}
+        out, seen = [], set()
+        for p in ctx.params:
+            layer = rt.layers[p]
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            out.append((layer, [pos[q] for q in layer.params if q in pos]))
+        return out
+
+    def _means(self, rt: _Runtime, m: int) -> dict[Layer, tuple[Tensor, Tensor, Tensor]]:
+        """Per recorded layer: input rows, mean pre-activation row, mean per-sample output-gradient row."""
+        out = {}
+        for layer, rec in rt.recorder.records.items():  # type: ignore[union-attr]
+            rt.recorder.check_intact(layer)  # type: ignore[union-attr]
+            grads = [(g if g is not None else torch.zeros_like(o)).unsqueeze(0) for g, o in zip(rec.grads, rec.outputs)]
+            h_rows, g_rows = layer_rows(layer, rec, grads)
+            a_rows = torch.cat([layer.output_rows(o.detach()) for o in rec.outputs])
+            out[layer] = (h_rows, a_rows.mean(0), g_rows[0].mean(0) * m)
+        return out
+
+    def update(self, ctx: GroupStep, curvature: Curvature) -> None:
+        rt = self._runtime(ctx.optimizer)
+        m = sample_count(ctx.evaluation.outputs, "structure kbfgs")
+        means = self._means(rt, m)
+        root = math.sqrt(self.damping)
+        for layer, _ in self._layers(ctx, rt):
+            if layer not in means:
+                raise PipelineError(
+                    f"structure kbfgs: the forward hook of layer '{layer.name}' did not fire inside the closure"
+                )
+            h_rows, a_mean, g_mean = means[layer]
+            st = ctx.optimizer.state[layer.params[0]]
+            k_a, k_ha = self.key("A"), self.key("H_a")
+            hh = h_rows.T @ h_rows / h_rows.shape[0]
+            eye = torch.eye(hh.shape[0], dtype=hh.dtype, device=hh.device)
+            if k_a not in st:
+                st[k_a] = hh
+                st[k_ha] = torch.linalg.inv(hh + root * eye)
+                if self.g_update == "bfgs":
+                    st[self.key("H_g")] = torch.eye(layer.d_out, dtype=hh.dtype, device=hh.device)
+            else:
+                st[k_a] = self.a_decay * st[k_a] + (1.0 - self.a_decay) * hh
+                s_a = st[k_ha] @ h_rows.mean(0)
+                y_a = st[k_a] @ s_a + root * s_a  # A_LM s_a
+                st[k_ha] = bfgs_inverse_update(st[k_ha], s_a, y_a).matrix
+            if rt.pending is None:
+                rt.pending = {"closure": ctx.evaluation.closure, "params": ctx.evaluation.params, "before": {}}
+            rt.pending["before"][layer] = (a_mean, g_mean)
+
+    def _pre_activation_update(self, optimizer: Any, rt: _Runtime, pending: dict[str, Any]) -> None:
+        """The G side: run the closure at θ₊ on the same batch, form the damped pairs, update ``H_g``."""
+        params = pending["params"]
+        saved = [p.grad for p in params]
+        rt.recorder.arm()  # type: ignore[union-attr]
+        try:
+            who = "structure kbfgs (the pass at the new parameters)"
+            ev = evaluate(pending["closure"], params, Needs(outputs=True), who)
+            means = self._means(rt, sample_count(ev.outputs, "structure kbfgs"))
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+        mu2 = math.sqrt(self.damping)
+        with torch.no_grad():
+            for layer, (a_old, g_old) in pending["before"].items():
+                if layer not in means:
+                    continue
+                _, a_new, g_new = means[layer]
+                s, y = a_new - a_old, g_new - g_old
+                if not bool(s.any()):  # the parameters did not move (a skipped step): no pair
+                    continue
+                st = optimizer.state[layer.params[0]]
+                k_s, k_y = self.key("s_g"), self.key("y_g")
+                if self.pair_decay and k_s in st:
+                    s = self.pair_decay * st[k_s] + (1.0 - self.pair_decay) * s
+                    y = self.pair_decay * st[k_y] + (1.0 - self.pair_decay) * y
+                st[k_s], st[k_y] = s, y
+                h_g = self._h_g(st)
+                pair = double_damping(s, y, h_g, self.mu1, mu2=mu2)
+                if self.g_update == "bfgs":
+                    result = bfgs_inverse_update(st[self.key("H_g")], pair.s, pair.y)
+                    st[self.key("H_g")] = result.matrix
+                    updated = result.status != "skipped"
+                else:
+                    updated = bool(torch.dot(pair.s, pair.y) > 1e-10)
+                    if updated:
+                        k_ms, k_my = self.key("mem_s"), self.key("mem_y")
+                        old_s = st.get(k_ms, pair.s.new_zeros(0, pair.s.numel()))
+                        old_y = st.get(k_my, pair.y.new_zeros(0, pair.y.numel()))
+                        st[k_ms] = torch.cat([old_s, pair.s.unsqueeze(0)])[-self.memory :]
+                        st[k_my] = torch.cat([old_y, pair.y.unsqueeze(0)])[-self.memory :]
+                if updated:
+                    st[self.key("damped_s")], st[self.key("damped_y")] = pair.s, pair.y
+
+    def _h_g(self, st: dict[str, Any]) -> Any:
+        """``H_g`` as a matrix (K-BFGS) or as an operator on its L-BFGS memory (K-BFGS(L))."""
+        if self.g_update == "bfgs":
+            return st[self.key("H_g")]
+        return _LBFGSOperator(st.get(self.key("mem_s")), st.get(self.key("mem_y")))
+
+    # --- the direction --------------------------------------------------------------------
+
+    def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
+        if direction.denominator is not None:
+            direction = direction.materialize()
+        rt = self._runtime(ctx.optimizer)
+        out = list(direction.tensors)
+        for layer, idx in self._layers(ctx, rt):
+            st = ctx.optimizer.state[layer.params[0]]
+            if self.key("H_a") not in st:  # no statistics yet (the curvature has not run)
+                continue
+            parts = {id(ctx.params[i]): direction.tensors[i] for i in idx}
+            v = layer.to_matrix(
+                parts.get(id(layer.weight)) if layer.weight is not None else None,
+                parts.get(id(layer.bias)) if layer.bias is not None else None,
+            )
+            h_g = self._h_g(st)
+            p = (h_g @ v) @ st[self.key("H_a")]
+            w, b = layer.from_matrix(p)
+            for i in idx:
+                q = ctx.params[i]
+                out[i] = w if q is layer.weight else b
+        return Direction(out, direction.coef, True)

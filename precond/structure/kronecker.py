@@ -1,0 +1,508 @@
+"""Kronecker-factored structure: K-FAC's layer factors and Shampoo's per-dimension gradient factors.
+
+A *block* is a gradient-shaped tensor ``X`` of order ``k`` with one symmetric
+PSD factor ``F_i`` per dimension; the curvature it stands for is
+
+    C = (F_1 ⊗ … ⊗ F_k)^(1/s)
+
+with ``s = 1`` for K-FAC layer factors (``X = [dW | db]``, factors ``[G, A]``,
+``C = A ⊗ G``) and ``s = k`` for Shampoo's gradient factors (the ``k``-th root
+makes ``inverse_root(p=2)`` the paper's ``F_i^(-1/(2k))``, and makes Adam,
+Adagrad and Shampoo the same transform). A spectral transform ``f`` (``inverse``,
+``inverse_root``) acts through one eigendecomposition per factor, recomputed
+on the transform's refresh steps (``every``), batched over factors of equal
+size, and cached in the optimizer state between refreshes. See
+:class:`Kronecker` for the damping forms and the eigenbasis mode.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
+from precond.errors import PipelineError
+from precond.layers import Layer, Recorder, find_layers, layer_factors, layer_rows, warn_silent
+from precond.linalg.kron import BlockPartition, block_partition, mode_products, reassemble_blocks, shampoo_statistics, split_into_blocks
+from precond.linalg.spectral import EighFailureError, EighResult, matrix_function, robust_eigh
+from precond.registry import register
+
+# Per-optimizer runtime objects (hooks, layer maps), kept off the frozen block and out of the
+# optimizer's own attributes; an entry disappears with its optimizer.
+_RUNTIMES: weakref.WeakKeyDictionary[Any, dict[int, _Runtime]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(eq=False)
+class _Runtime:
+    curvature: Curvature
+    layers: dict[Tensor, Layer] = field(default_factory=dict)
+    recorder: Recorder | None = None
+    reported: set[int] = field(default_factory=set)  # layers whose silent hooks were reported
+    rows: dict[Layer, tuple[Tensor, Tensor, float]] = field(default_factory=dict)  # eigenbasis (EKFAC): this step's rows
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One block: where its factors live in the state and where it sits in the group's tensors."""
+
+    state: dict[str, Any]
+    tag: str  # the block's index within ``state``
+    dims: tuple[int, ...]  # the block's shape: one factor per dimension
+    share: int  # C = (⊗ factors)^(1/share)
+    layer: Layer | None = None
+    where: tuple[Any, ...] = ()  # layer: (weight index, bias index) in ctx.params; gradient: (param index, block index)
+
+
+@lru_cache(maxsize=1024)
+def _partition(shape: tuple[int, ...], max_dim: int, merge_dims: bool) -> BlockPartition:
+    if merge_dims:
+        return block_partition(shape, max_dim, merge_dims=True)
+    squeezed = tuple(d for d in shape if d != 1) or (1,)
+    return block_partition(squeezed, max_dim, merge_dims=False)
+
+
+def _rotate(x: Tensor, qs: list[Tensor], into: bool) -> Tensor:
+    """Into the eigenbasis (``Q_1ᵀ X Q_2`` for a matrix) or back out of it (``Q_1 X Q_2ᵀ``)."""
+    if x.dim() == 2:
+        return qs[0].T @ x @ qs[1] if into else qs[0] @ x @ qs[1].T
+    return mode_products(x, [q.T if into else q for q in qs])
+
+
+@register("structure", "kronecker")
+class Kronecker(Structure):
+    """Kronecker factors per layer (K-FAC, KFC, KFLR) or per gradient dimension (Shampoo), with cached eigenbases.
+
+    ``factors: layer``: for each ``Linear``/``Conv2d``, ``A = E[a aᵀ]`` of the
+    layer inputs (with the bias as a homogeneous coordinate when the bias is
+    in the same rule) and ``G = E[δ δᵀ]`` of the output gradients, which the
+    curvature supplies (``empirical_fisher``: the main backward; ``sampled_fisher``:
+    one extra backward at sampled labels; ``gauss_newton``: the likelihood's
+    Hessian root, KFLR). Module forward hooks record on curvature steps only;
+    scaling and conv patches as in :mod:`precond.layers`. ``factors: gradient``:
+    for a gradient of order ``k``, ``F_i = G_(i) G_(i)ᵀ`` (all other dims
+    contracted); size-1 dims are dropped (``merge_dims`` also merges small
+    neighbours as Distributed Shampoo does) and dims above ``max_dim`` are cut
+    into blocks, each with its own factors.
+
+    Accumulation: ``sum`` (Shampoo, from ``init·I``), ``ema`` (K-FAC; read as
+    ``F / (1 - βⁿ)`` with ``bias_correction``), or ``none`` (this step's
+    factors only: with ``inverse_root`` the Muon-like orthogonal polar factor).
+
+    ``damping_form`` says how the transform's damping ``λ`` enters (a matter of
+    the structure, so one ``inverse`` serves all): ``exact`` applies ``f`` to
+    ``C``'s eigenvalues, ``(A ⊗ G + λI)⁻¹`` through both eigenbases (4
+    products per step); ``per_factor`` damps each factor, ``f_i(F_i + λI)``
+    (kfac-pytorch ``inverse``, Distributed Shampoo's ε), and ``factored`` is
+    Martens & Grosse's π-adjusted split ``F_i + π_i λ^(1/k) I`` with
+    ``π_i = t_i / (Π_j t_j)^(1/k)``, ``t_i = tr(F_i)/dim F_i`` (for K-FAC
+    ``A + π√λ I``, ``G + √λ/π I``); both precompute one matrix per factor (2
+    products per step). Per factor the power is ``-1/(p·s)``.
+
+    ``spectrum: eigenbasis`` (EKFAC, SOAP): keep the factors' eigenbasis ``Q`` but
+    replace ``C``'s eigenvalues by an EMA ``D`` of squared rotated gradients,
+    ``f(D̂)`` elementwise in the eigenbasis: Adam in the Kronecker eigenbasis with
+    ``inverse_root``, EKFAC's corrected natural gradient with ``inverse``. ``D``
+    is updated on curvature steps from per-row gradients (layer factors, EKFAC)
+    or the batch gradient (gradient factors, SOAP), and kept across refreshes.
+
+    Robustness: a factor with NaN/Inf or a failed ``eigh`` (after a float64
+    retry) keeps the block's previous preconditioner (none before the first
+    success: the direction passes unchanged), counts the failure in the state
+    (``structure.failures.*``) and raises after ``max_failures`` in a row.
+    """
+
+    form: ClassVar[str] = "kronecker"
+
+    factors: Literal["layer", "gradient"] = Field("layer", description="layer: K-FAC input/output-gradient factors; gradient: Shampoo's per-dimension Gram matrices")
+    accumulate: Literal["sum", "ema", "none"] = Field("ema", description="sum (Shampoo), ema (K-FAC), none (this step only: Muon-like)")
+    beta: float = Field(0.95, ge=0.0, lt=1.0, description="EMA decay of the factors (ema only)")
+    bias_correction: bool = Field(False, description="read the EMA factors as F / (1 - beta^n)")
+    init: float = Field(0.0, ge=0.0, description="initial factors init*I (Shampoo's epsilon; 1 for K-FAC from the identity)")
+    damping_form: Literal["exact", "factored", "per_factor"] = Field(
+        "exact", description="how the transform's damping enters: exact (C + damping), factored (pi-adjusted per factor), per_factor"
+    )
+    spectrum: Literal["factors", "eigenbasis"] = Field(
+        "factors", description="factors: eigenvalues of the factors; eigenbasis: an EMA of squared gradients in their eigenbasis (EKFAC, SOAP)"
+    )
+    eigenbasis_beta: float = Field(0.999, ge=0.0, lt=1.0, description="EMA decay of the eigenbasis second moment (eigenbasis only)")
+    eigenbasis_bias_correction: bool = Field(True, description="divide the eigenbasis second moment by 1 - beta^n")
+    max_dim: int = Field(1024, ge=1, description="gradient factors: dimensions above this are split into blocks")
+    merge_dims: bool = Field(False, description="gradient factors: merge neighbouring dimensions while the product stays <= max_dim")
+    float64: bool = Field(False, description="eigendecompose in float64")
+    max_failures: int = Field(5, ge=1, description="raise after this many consecutive failed eigendecompositions of a block")
+
+    def needs(self) -> Needs:
+        # layer factors come from hooks armed before the forward pass: the closure must run inside step()
+        return Needs(hooks=True, closure=True) if self.factors == "layer" else Needs()
+
+    def supports(self, transform: Transform) -> bool:
+        method = getattr(transform, "kronecker", None)
+        if not callable(method):
+            return False
+        return self.damping_form == "exact" or self.spectrum == "eigenbasis" or method() is not None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def setup(self, optimizer: Any) -> None:
+        table = _RUNTIMES.setdefault(optimizer, {})
+        if id(self) in table:
+            return
+        pipes = [p for p in optimizer.pipelines.values() if p.structure is self]
+        curvature = pipes[0].curvature
+        kinds = getattr(curvature, "kronecker_factors", frozenset())
+        if self.factors not in kinds:
+            fills = ", ".join(sorted(kinds)) or "none"
+            raise PipelineError(
+                f"curvature '{curvature.name}' cannot fill Kronecker factors '{self.factors}' (it fills: {fills}); "
+                + ("gradient factors (Shampoo) are Gram matrices of the batch gradient: use curvature empirical_fisher"
+                   if self.factors == "gradient" else "use empirical_fisher, sampled_fisher or gauss_newton")
+            )
+        rt = _Runtime(curvature)
+        if self.factors == "layer":
+            params = [q for pipe in pipes for q in optimizer.pipeline_params(pipe)]
+            rt.layers = find_layers(params, optimizer.param_info, f"recipe '{optimizer.recipe.name}' (structure kronecker, factors: layer)")
+            group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+            for layer in dict.fromkeys(rt.layers.values()):
+                if len({group_of[p] for p in layer.params}) > 1:
+                    raise PipelineError(
+                        f"the weight and bias of layer '{layer.name}' are in different param groups; K-FAC preconditions "
+                        "them together: put them in one group, or route the bias elsewhere with a rule"
+                    )
+            rt.recorder = Recorder(dict.fromkeys(rt.layers.values()), getattr(curvature, "capture_output_grads", False), owner=optimizer)
+        table[id(self)] = rt
+
+    def _runtime(self, optimizer: Any) -> _Runtime:
+        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
+        if rt is None:
+            raise PipelineError("structure 'kronecker' runs inside a precond Optimizer (its setup was not called)")
+        return rt
+
+    def before_closure(self, optimizer: Any, step: int) -> None:
+        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
+        if rt is not None and rt.recorder is not None:
+            rt.recorder.disarm()
+            if rt.curvature.due(step):
+                rt.recorder.arm()
+
+    def after_step(self, optimizer: Any) -> None:
+        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
+        if rt is not None:
+            if rt.recorder is not None:
+                rt.recorder.disarm()
+            rt.rows.clear()
+
+    # --- units ------------------------------------------------------------------------------
+
+    def _units(self, ctx: GroupStep, rt: _Runtime) -> list[_Unit]:
+        units: list[_Unit] = []
+        if self.factors == "gradient":
+            for i, (p, state) in enumerate(zip(ctx.params, ctx.states)):
+                part = _partition(tuple(p.shape), self.max_dim, self.merge_dims)
+                for b, dims in enumerate(part.block_shapes):
+                    units.append(_Unit(state, str(b), dims, len(dims), None, (i, b)))
+            return units
+        pos = {p: i for i, p in enumerate(ctx.params)}
+        seen: set[int] = set()
+        for p in ctx.params:
+            layer = rt.layers.get(p)
+            if layer is None:
+                raise PipelineError("a parameter was added to the optimizer after it was built; Kronecker factors know only the layers seen at build time")
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            state = ctx.optimizer.state[layer.params[0]]
+            units.append(_Unit(state, "0", (layer.d_out, layer.d_in), 1, layer, (pos.get(layer.weight), pos.get(layer.bias))))
+        return units
+
+    def _blocks(self, ctx: GroupStep, units: list[_Unit], tensors: list[Tensor]) -> list[Tensor]:
+        """Each unit's block of ``tensors`` (a group-aligned list)."""
+        out: list[Tensor] = []
+        split: dict[int, list[Tensor]] = {}
+        for u in units:
+            if u.layer is not None:
+                iw, ib = u.where
+                out.append(u.layer.to_matrix(None if iw is None else tensors[iw], None if ib is None else tensors[ib]))
+                continue
+            i, b = u.where
+            if i not in split:
+                p = ctx.params[i]
+                part = _partition(tuple(p.shape), self.max_dim, self.merge_dims)
+                split[i] = split_into_blocks(tensors[i].reshape(part.shape), part)
+            out.append(split[i][b])
+        return out
+
+    def _assemble(self, ctx: GroupStep, units: list[_Unit], blocks: list[Tensor], out: list[Tensor]) -> None:
+        """Write the units' blocks back into the group-aligned list ``out``."""
+        per_param: dict[int, list[Tensor]] = {}
+        for u, y in zip(units, blocks):
+            if u.layer is not None:
+                w, b = u.layer.from_matrix(y)
+                iw, ib = u.where
+                if iw is not None:
+                    out[iw] = w  # type: ignore[assignment]
+                if ib is not None:
+                    out[ib] = b  # type: ignore[assignment]
+            else:
+                per_param.setdefault(u.where[0], []).append(y)
+        for i, ys in per_param.items():
+            p = ctx.params[i]
+            part = _partition(tuple(p.shape), self.max_dim, self.merge_dims)
+            out[i] = reassemble_blocks(ys, part).reshape(p.shape)
+
+    # --- statistics ----------------------------------------------------------------------------
+
+    def _factor_key(self, u: _Unit, j: int) -> str:
+        return self.key(f"factor.{u.tag}.{j}")
+
+    def _ensure(self, u: _Unit, like: Tensor) -> None:
+        dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        for j, n in enumerate(u.dims):
+            key = self._factor_key(u, j)
+            if key not in u.state:
+                u.state[key] = self.init * torch.eye(n, dtype=dtype, device=like.device)
+        u.state.setdefault(self.key("updates"), 0)
+
+    def _batch(self, ctx: GroupStep, curvature: Curvature) -> list[tuple[_Unit, list[Tensor]]]:
+        """This step's factors per unit (in the unit's dimension order), computed once per group and step."""
+        key = self.key("batch")
+        if key in ctx.extra:
+            return ctx.extra[key]
+        rt = self._runtime(ctx.optimizer)
+        units = self._units(ctx, rt)
+        est = curvature.kronecker(ctx, rt.recorder)  # type: ignore[attr-defined]
+        out: list[tuple[_Unit, list[Tensor]]] = []
+        if self.factors == "layer":
+            silent = []
+            for u in units:
+                layer = u.layer
+                assert layer is not None and rt.recorder is not None
+                rec = rt.recorder.records.get(layer)
+                grads = (est.output_grads or {}).get(layer)
+                if rec is None or not rec.inputs or not grads:
+                    silent.append(layer)
+                    continue
+                a_rows, g_rows = layer_rows(layer, rec, grads)
+                a, g = layer_factors(a_rows, g_rows, est.weight)
+                out.append((u, [g, a]))
+                if self.spectrum == "eigenbasis":
+                    rt.rows[layer] = (a_rows, g_rows, est.weight)
+            fresh = [l for l in silent if id(l) not in rt.reported]
+            if fresh:
+                rt.reported.update(id(l) for l in fresh)
+                warn_silent(fresh, f"structure kronecker (recipe '{ctx.optimizer.recipe.name}')")
+        else:
+            for u, x in zip(units, self._blocks(ctx, units, est.gradients)):
+                out.append((u, _gram(x)))
+        ctx.extra[key] = out
+        return out
+
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Tensor]:
+        return [f for _, fs in self._batch(ctx, curvature) for f in fs]
+
+    def update(self, ctx: GroupStep, curvature: Curvature) -> None:
+        factors: list[Tensor] = []
+        batch: list[Tensor] = []
+        touched: dict[int, dict[str, Any]] = {}
+        for u, fresh in self._batch(ctx, curvature):
+            self._ensure(u, fresh[0])
+            for j, f in enumerate(fresh):
+                factors.append(u.state[self._factor_key(u, j)])
+                batch.append(f.to(factors[-1].dtype) if f.dtype != factors[-1].dtype else f)
+            touched[id(u.state)] = u.state
+        if not factors:
+            return
+        if self.accumulate == "ema":
+            torch._foreach_mul_(factors, self.beta)
+            torch._foreach_add_(factors, batch, alpha=1.0 - self.beta)
+        elif self.accumulate == "sum":
+            torch._foreach_add_(factors, batch)
+        else:
+            torch._foreach_copy_(factors, batch)
+        for state in touched.values():
+            state[self.key("updates")] += 1
+            state[self.key("updated_at")] = ctx.step
+
+    def _divisor(self, state: dict[str, Any]) -> float:
+        n = state.get(self.key("updates"), 0)
+        if self.accumulate == "ema" and self.bias_correction and n:
+            return 1.0 - self.beta**n
+        return 1.0
+
+    # --- refresh: eigendecompositions ----------------------------------------------------------
+
+    def _refresh(self, units: list[_Unit], transform: Transform, step: int) -> None:
+        mats: list[Tensor] = []
+        for u in units:
+            div = self._divisor(u.state)
+            for j in range(len(u.dims)):
+                f = u.state[self._factor_key(u, j)]
+                mats.append(f / div if div != 1.0 else f)
+        eigs = self._eigh_all(mats)
+        start = 0
+        for u in units:
+            k = len(u.dims)
+            mine, start = eigs[start : start + k], start + k
+            derived = None if any(e is None for e in mine) else self._derive(u, mine, transform)  # type: ignore[arg-type]
+            failures = self.key(f"failures.{u.tag}")
+            if derived is None:
+                u.state[failures] = u.state.get(failures, 0) + 1
+                u.state[self.key("failures_total")] = u.state.get(self.key("failures_total"), 0) + 1
+                if u.state[failures] >= self.max_failures:
+                    raise EighFailureError(
+                        f"structure kronecker: refreshing block {u.tag} of a parameter with factors {list(u.dims)} "
+                        f"failed {u.state[failures]} times in a row (max_failures={self.max_failures}): the "
+                        "eigendecomposition failed (the statistics hold NaN/Inf: check the loss and the learning "
+                        "rate) or gave a non-finite preconditioner (a zero eigenvalue without damping): raise the "
+                        "damping or init, or max_failures"
+                    )
+                continue
+            u.state[failures] = 0
+            u.state.update(derived)
+            u.state[self.key(f"refreshed.{u.tag}")] = step
+
+    def _eigh_all(self, mats: list[Tensor]) -> list[EighResult | None]:
+        """Eigendecompositions, batched over matrices of equal size; a failed batch is retried one by one."""
+        out: list[EighResult | None] = [None] * len(mats)
+        by_size: dict[int, list[int]] = {}
+        for i, m in enumerate(mats):
+            by_size.setdefault(m.shape[-1], []).append(i)
+        for idx in by_size.values():
+            dtype = mats[idx[0]].dtype
+            work = torch.stack([mats[i] for i in idx])
+            if self.float64:
+                work = work.double()
+            res = robust_eigh(work)
+            if res is not None:
+                for n, i in enumerate(idx):
+                    out[i] = EighResult(res.eigenvalues[n].to(dtype), res.eigenvectors[n].to(dtype), res.retried)
+                continue
+            for n, i in enumerate(idx):
+                one = robust_eigh(work[n])
+                out[i] = None if one is None else EighResult(one.eigenvalues.to(dtype), one.eigenvectors.to(dtype), one.retried)
+        return out
+
+    def _derive(self, u: _Unit, eigs: list[EighResult], transform: Transform) -> dict[str, Tensor] | None:
+        """What the block keeps between refreshes; None if it is not finite (counted as a failure)."""
+        lams = [_floor(e.eigenvalues) for e in eigs]
+        qs = [e.eigenvectors for e in eigs]
+        out: dict[str, Tensor] = {}
+        if self.spectrum == "eigenbasis" or self.damping_form == "exact":
+            for j, q in enumerate(qs):
+                out[self.key(f"basis.{u.tag}.{j}")] = q
+            if self.spectrum == "factors":
+                prod = lams[0]
+                for lam in lams[1:]:
+                    prod = prod.unsqueeze(-1) * lam
+                if u.share != 1:
+                    prod = prod ** (1.0 / u.share)
+                out[self.key(f"scale.{u.tag}")] = transform.fn(prod)  # type: ignore[attr-defined]
+        else:
+            root, damping, outside = transform.kronecker()  # type: ignore[attr-defined]
+            k = len(lams)
+            dampings = [damping] * k
+            if self.damping_form == "factored" and damping > 0:
+                traces = [lam.sum() / lam.numel() for lam in lams]
+                if all(t > 0 for t in traces):
+                    mean = math.exp(sum(math.log(float(t)) for t in traces) / k)
+                    dampings = [float(t) / mean * damping ** (1.0 / k) for t in traces]
+                else:
+                    dampings = [damping ** (1.0 / k)] * k
+            e = 1.0 / (root * u.share)
+            for j, (lam, q, d) in enumerate(zip(lams, qs, dampings)):
+                fn = (lambda x, d=d: 1.0 / (x.pow(e) + d)) if outside else (lambda x, d=d: (x + d).pow(-e))
+                out[self.key(f"root.{u.tag}.{j}")] = matrix_function(lam, q, fn)
+        if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+            return None
+        return out
+
+    # --- preconditioning ------------------------------------------------------------------------
+
+    def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
+        rt = self._runtime(ctx.optimizer)
+        units = self._units(ctx, rt)
+        ready = [u for u in units if u.state.get(self.key("updates"), 0) > 0]
+        due = transform.due(ctx.step)
+        todo = [u for u in ready if due or self.key(f"refreshed.{u.tag}") not in u.state]
+        if todo:
+            self._refresh(todo, transform, ctx.step)
+        live = [u for u in ready if self.key(f"refreshed.{u.tag}") in u.state]
+        if self.spectrum == "eigenbasis":
+            self._update_moments(ctx, rt, live)
+            live = [u for u in live if u.state.get(self.key("moment_updates"), 0) > 0]
+        blocks = self._blocks(ctx, live, direction.tensors)
+        results = [self._apply(u, x, transform) for u, x in zip(live, blocks)]
+        out = list(direction.tensors) if direction.owned else [t.clone() for t in direction.tensors]
+        self._assemble(ctx, live, results, out)
+        return Direction(out, direction.coef, True)
+
+    def _apply(self, u: _Unit, x: Tensor, transform: Transform) -> Tensor:
+        k = len(u.dims)
+        if self.spectrum == "factors" and self.damping_form != "exact":
+            ps = [u.state[self.key(f"root.{u.tag}.{j}")] for j in range(k)]
+            if x.dim() == 2:
+                return ps[0] @ x @ ps[1]
+            return mode_products(x, ps)
+        qs = [u.state[self.key(f"basis.{u.tag}.{j}")] for j in range(k)]
+        rotated = _rotate(x, qs, True)
+        if self.spectrum == "factors":
+            scale = u.state[self.key(f"scale.{u.tag}")]
+        else:
+            moment = u.state[self.key(f"moment.{u.tag}")]
+            n = u.state[self.key("moment_updates")]
+            if self.eigenbasis_bias_correction:
+                moment = moment / (1.0 - self.eigenbasis_beta**n)
+            scale = transform.fn(moment)  # type: ignore[attr-defined]
+        return _rotate(rotated * scale, qs, False)
+
+    def _update_moments(self, ctx: GroupStep, rt: _Runtime, units: list[_Unit]) -> None:
+        """Eigenbasis mode: ``D ← β D + (1-β) (Qᵀ g)²`` on curvature steps, in the current eigenbasis."""
+        fresh = [u for u in units if u.state.get(self.key("updated_at")) == ctx.step]
+        if not fresh:
+            return
+        moments, batch, states = [], [], {}
+        grads = self._blocks(ctx, fresh, ctx.grads) if self.factors == "gradient" else [None] * len(fresh)
+        for u, g in zip(fresh, grads):
+            qs = [u.state[self.key(f"basis.{u.tag}.{j}")] for j in range(len(u.dims))]
+            if u.layer is not None:
+                a_rows, g_rows, w = rt.rows[u.layer]
+                a2 = (a_rows @ qs[1]).square()
+                g2 = (g_rows @ qs[0]).square().sum(0)
+                new = (g2.T @ a2) * w  # EKFAC: w Σ_r (Q_Gᵀ g_r)² (Q_Aᵀ a_r)²ᵀ
+            else:
+                new = _rotate(g, qs, True).square()
+            key = self.key(f"moment.{u.tag}")
+            if key not in u.state:
+                u.state[key] = torch.zeros_like(new)
+            moments.append(u.state[key])
+            batch.append(new)
+            states[id(u.state)] = u.state
+        torch._foreach_mul_(moments, self.eigenbasis_beta)
+        torch._foreach_add_(moments, batch, alpha=1.0 - self.eigenbasis_beta)
+        for state in states.values():
+            state[self.key("moment_updates")] = state.get(self.key("moment_updates"), 0) + 1
+
+
+def _floor(lam: Tensor) -> Tensor:
+    """Eigenvalues below round-off (``λ_max · eps`` of the dtype; negative ones included) are raised to it.
+
+    A PSD factor's eigenvalues that small are noise of the decomposition; left at 0 they make an
+    undamped inverse root infinite (Shampoo's float32 factors summed from a tiny ``eps·I``).
+    """
+    top = lam.amax().clamp_min(0.0)
+    return lam.clamp_min(float(top) * torch.finfo(lam.dtype).eps)
+
+
+def _gram(x: Tensor) -> list[Tensor]:
+    """Shampoo's per-dimension statistics of one block."""
+    if x.dim() == 2:
+        return [x @ x.T, x.T @ x]
+    if x.dim() == 1:
+        return [torch.outer(x, x)]
+    return shampoo_statistics(x)

@@ -1,0 +1,72 @@
+"""``graft``: the direction of this recipe with each tensor's step norm taken from another method."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from precond.block import Direction, GroupStep, Transform
+from precond.registry import register
+
+
+@register("transform", "graft")
+class Graft(Transform):
+    """Grafting (Agarwal, Anil, Hazan, Koren & Zhang 2020): ``d · ‖u‖ / ‖d‖`` per parameter tensor.
+
+    ``d`` is the direction built so far (e.g. Shampoo's ``L^(-1/4) G R^(-1/4)``);
+    ``u`` is the step direction of the grafted method on the same gradient
+    ``g`` (after ``l2`` decay), with its own state: ``sgd``: ``u = g``;
+    ``adagrad``: ``u = g / (sqrt(Σ g²) + eps)`` (torch.optim.Adagrad, sum from
+    ``init``); ``adam``: ``u = g / (sqrt(v / (1 - β₂ᵗ)) + eps)`` with
+    ``v = β₂ v + (1-β₂) g²`` (Adam's second moment without its first,
+    Distributed Shampoo's ``AdamGraftingConfig``; momentum belongs in the
+    recipe's momentum block, after the graft as in google-research's
+    scalable Shampoo). Place it after the spectral transform. ``d = 0`` stays 0.
+    """
+
+    linear: ClassVar[bool] = False
+
+    source: Literal["sgd", "adagrad", "adam"] = Field("adam", description="the method whose per-tensor step norm is used")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="adam: EMA decay of the squared gradient")
+    eps: float = Field(1e-8, ge=0.0, description="adagrad/adam: added to the root of the statistic")
+    bias_correction: bool = Field(True, description="adam: divide the second moment by 1 - beta2^t")
+    init: float = Field(0.0, ge=0.0, description="adagrad: initial accumulator value")
+
+    def _statistic(self, ctx: GroupStep) -> list[torch.Tensor]:
+        key = self.key(f"graft_{self.source}")
+        for p, s in zip(ctx.params, ctx.states):
+            if key not in s:
+                s[key] = torch.full_like(p, self.init if self.source == "adagrad" else 0.0, memory_format=torch.preserve_format)
+                s[self.key("graft_steps")] = 0
+        for s in ctx.states:
+            s[self.key("graft_steps")] += 1
+        return ctx.gathered(key)
+
+    def reference(self, ctx: GroupStep) -> list[torch.Tensor]:
+        """The grafted method's direction ``u`` for this step (updates its state)."""
+        grads = ctx.grads
+        if self.source == "sgd":
+            return list(grads)
+        stat = self._statistic(ctx)
+        if self.source == "adagrad":
+            torch._foreach_addcmul_(stat, grads, grads)
+            denom = torch._foreach_sqrt(stat)
+        else:
+            torch._foreach_mul_(stat, self.beta2)
+            torch._foreach_addcmul_(stat, grads, grads, value=1.0 - self.beta2)
+            denom = torch._foreach_sqrt(stat)
+            if self.bias_correction:
+                steps = [s[self.key("graft_steps")] for s in ctx.states]
+                torch._foreach_div_(denom, [(1.0 - self.beta2**t) ** 0.5 for t in steps])
+        torch._foreach_add_(denom, self.eps)
+        return list(torch._foreach_div(grads, denom))
+
+    def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
+        d = direction.materialize()
+        ref = torch._foreach_norm(self.reference(ctx))
+        own = torch._foreach_norm(d.tensors)
+        factors: list[Any] = [torch.where(n > 0, r / n.clamp_min(torch.finfo(n.dtype).tiny), torch.zeros_like(n)) for r, n in zip(ref, own)]
+        torch._foreach_mul_(d.tensors, factors)
+        return d
