@@ -972,6 +972,28 @@ def write_compare(result: CompareResult, out_dir: str | Path) -> Path:
     return out
 
 
+def _smoothing_window(n: int) -> int:
+    """Trailing-mean window for plotting ``n`` per-step losses (1: no smoothing)."""
+    return 1 if n <= 100 else max(2, n // 50)
+
+
+def _trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of the last ``window`` finite values at each step (NaN where the value itself is not finite)."""
+    out: list[float] = []
+    buf: list[float] = []
+    total = 0.0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(math.nan)
+            continue
+        buf.append(v)
+        total += v
+        if len(buf) > window:
+            total -= buf.pop(0)
+        out.append(total / len(buf))
+    return out
+
+
 def plot_runs(runs: Sequence[RunResult], path: str | Path, *, title: str = "") -> None:
     """Loss vs step and loss vs wall-clock, one colour per label (Agg backend,
     no pyplot state touched)."""
@@ -984,6 +1006,7 @@ def plot_runs(runs: Sequence[RunResult], path: str | Path, *, title: str = "") -
     colors: dict[str, Any] = {}
     palette = [f"C{i}" for i in range(10)]
     positive = True
+    smoothed = False
     for run in runs:
         if not run.losses:
             continue
@@ -994,8 +1017,17 @@ def plot_runs(runs: Sequence[RunResult], path: str | Path, *, title: str = "") -
         finite = [v if math.isfinite(v) else math.nan for v in run.losses]
         positive = positive and all(v > 0 for v in finite if math.isfinite(v))
         lw = 1.2 if len(runs) < 6 else 0.9
-        ax_step.plot(steps, finite, color=color, lw=lw, alpha=0.85, label=name)
-        ax_time.plot(run.wall_times, finite, color=color, lw=lw, alpha=0.85, label=name)
+        window = _smoothing_window(len(finite))
+        if window > 1:  # noisy minibatch losses: faint per-step curve, bold trailing mean
+            smooth = _trailing_mean(finite, window)
+            ax_step.plot(steps, finite, color=color, lw=0.5, alpha=0.15)
+            ax_time.plot(run.wall_times, finite, color=color, lw=0.5, alpha=0.15)
+            ax_step.plot(steps, smooth, color=color, lw=lw, alpha=0.95, label=name)
+            ax_time.plot(run.wall_times, smooth, color=color, lw=lw, alpha=0.95, label=name)
+            smoothed = True
+        else:
+            ax_step.plot(steps, finite, color=color, lw=lw, alpha=0.85, label=name)
+            ax_time.plot(run.wall_times, finite, color=color, lw=lw, alpha=0.85, label=name)
         evals = [e for e in run.evals if e.get("test_loss") is not None and e["step"] > 0]
         if evals and len(evals) <= 200:
             ax_step.plot(
@@ -1009,7 +1041,10 @@ def plot_runs(runs: Sequence[RunResult], path: str | Path, *, title: str = "") -
             ax_time.axvline(run.time_to_target_s, color=color, ls=":", lw=0.8)
     for ax, xlabel in ((ax_step, "step"), (ax_time, "wall-clock (s, training only)")):
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("training loss (dots: test loss)")
+        ax.set_ylabel(
+            "training loss (line: trailing mean, faint: per step;\ndots: test loss)" if smoothed
+            else "training loss (dots: test loss)"
+        )
         if positive:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
@@ -1046,7 +1081,8 @@ def render_table(result: RunResult | CompareResult, *, all_rows: bool = False):
         table.add_column("value", justify="right")
         style = "green" if result.status == "ok" else "red"
         table.add_row("status", f"[{style}]{result.status}[/]")
-        table.add_row("message", result.message)
+        message = result.message if len(result.message) <= 90 else result.message[:89] + "…"
+        table.add_row("message", message)
         table.add_row("steps", f"{result.steps_done}/{result.steps}")
         table.add_row("lr", _fmt(result.lr))
         table.add_row("initial loss", _fmt(result.initial_loss))

@@ -90,7 +90,11 @@ def digits_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool
         target=0.9 if short else 0.96,
         default_steps=100 if short else 500,
         eval_every=10,
-        default_lr={"default": 1e-2, "adam": 1e-2, "sgd": 0.1, "adagrad": 0.05, "kfac": 0.05, "shampoo": 1e-2},
+        default_lr={
+            "default": 1e-2, "adam": 1e-2, "sgd": 0.1, "adagrad": 0.05, "kfac": 0.05,
+            # measured with `precond compare ... --lr-grid` (seed 0, full mode)
+            "shampoo": 0.1, "sophia_g": 3e-3, "sophia_h": 3e-3, "adahessian": 0.1,
+        },
         batch_size=batch_size,
         full_batch=False,
         seed=seed,
@@ -156,7 +160,11 @@ def digits_autoencoder(*, seed: int = 0, dtype: torch.dtype = torch.float32, sho
         target=0.6 if short else 0.35,
         default_steps=300 if short else 2000,
         eval_every=10 if short else 25,
-        default_lr={"default": 3e-3, "adam": 3e-3, "sgd": 0.05, "kfac": 0.05, "shampoo": 3e-3},
+        default_lr={
+            "default": 3e-3, "adam": 3e-3, "sgd": 0.05,
+            # measured with `precond compare ... --lr-grid` (seed 0, full mode)
+            "kfac": 5e-3, "shampoo": 0.05, "sophia_g": 1e-3, "sophia_h": 1e-3, "adahessian": 0.15,
+        },
         batch_size=batch_size,
         full_batch=False,
         seed=seed,

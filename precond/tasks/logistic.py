@@ -127,7 +127,11 @@ def logistic(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool =
         target=0.95 if short else 0.97,
         default_steps=50 if short else 200,
         eval_every=1 if short else 2,
-        default_lr={"default": 0.1, "adam": 0.05, "sgd": 0.5, "newton": 1.0, "lbfgs": 1.0, "bfgs": 1.0, "kfac": 0.5},
+        default_lr={
+            "default": 0.1, "adam": 0.05, "sgd": 0.5, "newton": 1.0, "lbfgs": 1.0, "bfgs": 1.0, "kfac": 0.5,
+            # measured with `precond compare ... --lr-grid` (seed 0, full mode)
+            "shampoo": 1.0, "sophia_g": 0.1, "sophia_h": 0.1, "adahessian": 0.1,
+        },
         batch_size=len(y_train),
         full_batch=True,
         seed=seed,

@@ -76,7 +76,10 @@ def rosenbrock(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool
         target=1e-2 if short else 1e-4,
         default_steps=1000 if short else 3000,
         eval_every=1,
-        default_lr={"default": 1e-2, "adam": 0.1, "sgd": 1e-3, "newton": 1.0, "lbfgs": 1.0, "bfgs": 1.0, "sr1": 1.0},
+        default_lr={
+            "default": 1e-2, "adam": 0.1, "sgd": 1e-3, "newton": 1.0, "lbfgs": 1.0, "bfgs": 1.0, "sr1": 1.0,
+            "adahessian": 3.0,  # measured with `precond compare ... --lr-grid`
+        },
         batch_size=None,
         full_batch=True,
         seed=seed,
