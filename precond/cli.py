@@ -31,7 +31,9 @@ def build(
     recipes: list[str] = typer.Argument(None, help="recipe names or YAML files"),
     all_: bool = typer.Option(False, "--all", help="every built-in recipe"),
     set_: list[str] = typer.Option([], "--set", help="override: key=value, e.g. lr=0.01 or structure.beta=0.99"),
-    model: str = typer.Option("mlp:32,64,10", "--model", help="demo model for memory and time: mlp:IN,HIDDEN,...,OUT"),
+    model: str = typer.Option(
+        "mlp:32,64,10", "--model", help="model for memory, time and rules: mlp:IN,HIDDEN,...,OUT or task:NAME (e.g. task:tiny-lm)"
+    ),
 ) -> None:
     """Validate and assemble recipes; print each pipeline."""
     from precond.inspect import summarize
@@ -68,6 +70,13 @@ def build(
             f"{summary.ms_per_step:.2f} ms/step",
             highlight=False,
         )
+        if recipe.rules:  # type: ignore[attr-defined]
+            rules = Table(title=f"{recipe.name}: which rule each parameter of {model} follows", title_justify="left")
+            for column in ("parameter", "module", "rule"):
+                rules.add_column(column)
+            for row in summary.assignment:
+                rules.add_row(*row)
+            console.print(rules)
         if recipe.reference:
             console.print(f"  reference: {recipe.reference}", highlight=False)
     if failed:

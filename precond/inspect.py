@@ -15,7 +15,8 @@ from precond.recipe import Recipe
 
 
 def demo_model(spec: str = "mlp:32,64,10", seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """``mlp:IN,HIDDEN...,OUT``: a tanh MLP with a random classification batch of 64."""
+    """``mlp:IN,HIDDEN...,OUT``: a tanh MLP with a random classification batch of 64 (``task:NAME`` is
+    handled by :func:`summarize`: a built-in task's model and data)."""
     kind, _, dims_text = spec.partition(":")
     if kind != "mlp" or not dims_text:
         raise ValueError(f"model spec {spec!r}: expected mlp:IN,HIDDEN,...,OUT (e.g. mlp:32,64,10)")
@@ -59,15 +60,27 @@ def summarize(recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 5) 
     """Assemble ``recipe`` on a demo model, run a few steps, and measure its state and time."""
     from precond.api import assign_rules
 
-    model, x, y = demo_model(model_spec)
+    if model_spec.startswith("task:"):  # a built-in task's model, data and likelihood
+        from precond.tasks import build_task
+
+        task = build_task(model_spec.partition(":")[2], short=True)
+        model, likelihood, batches = task.model, task.likelihood, task.train_batches()
+
+        def closure() -> tuple[torch.Tensor, torch.Tensor]:
+            return task.closure(next(batches))
+
+    else:
+        model, x, y = demo_model(model_spec)
+        likelihood = "categorical"
+
+        def closure() -> tuple[torch.Tensor, torch.Tensor]:
+            out = model(x)
+            return F.cross_entropy(out, y), out
+
     params = assign_rules(model, recipe) if recipe.rules else list(model.parameters())  # type: ignore[attr-defined]
-    opt = Optimizer(params, recipe, model=model, likelihood="categorical")
+    opt = Optimizer(params, recipe, model=model, likelihood=likelihood)
     rule_of = {p: g["rule"] for g in opt.param_groups for p in g["params"]}
     assignment = [(info.name, type(info.module).__name__, rule_of[p]) for p, info in opt.param_info.items() if p in rule_of]
-
-    def closure() -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(x)
-        return F.cross_entropy(out, y), out
 
     opt.step(closure)
     start = time.perf_counter()

@@ -81,3 +81,20 @@ def test_rules_checkpoint_fingerprint() -> None:
     opt2 = precond.build(other, make_mlp())
     with pytest.raises(precond.errors.CheckpointError, match="blocks"):
         opt2.load_state_dict(opt.state_dict())
+
+
+def test_build_shows_which_rule_each_parameter_got(tmp_path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from precond.cli import app
+
+    path = tmp_path / "ruled.yaml"
+    path.write_text(yaml.safe_dump(RULED))
+    out = CliRunner().invoke(app, ["build", str(path), "--model", "mlp:5,7,3"])
+    assert out.exit_code == 0, out.output
+    lines = [" ".join(line.split()) for line in out.output.splitlines()]
+    assert any("0.weight" in line and "Linear" in line and "default" in line for line in lines)
+    assert any("2.bias" in line and "biases" in line for line in lines)
+    out = CliRunner().invoke(app, ["build", "adam", "--model", "task:logistic"])
+    assert out.exit_code == 0, out.output
