@@ -21,6 +21,24 @@ console = Console()
 err = Console(stderr=True)
 
 
+@app.callback()
+def _plugins(
+    plugin: list[str] = typer.Option(
+        [], "--plugin", help="import this module first (it registers blocks or tasks); repeatable. Installed "
+        "packages are found through the entry-point groups precond.blocks / precond.tasks without it"
+    ),
+) -> None:
+    """Second-order optimizers declared as recipes."""
+    import importlib
+
+    for module in plugin:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a user's module: say what failed, no traceback
+            err.print(f"[bold red]error:[/] --plugin {module}: {type(exc).__name__}: {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+
 def _fail(exc: Exception) -> None:
     err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)

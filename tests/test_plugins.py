@@ -95,3 +95,17 @@ def test_register_rejects_wrong_base() -> None:
         registry.register("structure", "wrong_base")(type("X", (Curvature,), {"__module__": __name__}))
     with pytest.raises(ValueError, match="unknown block kind"):
         registry.register("nonsense", "x")
+
+
+def test_cli_plugin_flag(tmp_path: Path) -> None:
+    (tmp_path / "precond_flagplugin.py").write_text(PLUGIN.replace("plugin_sign", "flag_sign"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent.parent)])}
+    out = subprocess.run([sys.executable, "-m", "precond.cli", "--plugin", "precond_flagplugin", "list"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "flag_sign" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "precond.cli", "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert "flag_sign" not in out.stdout  # not imported unless asked for
+    out = subprocess.run([sys.executable, "-m", "precond.cli", "--plugin", "no_such_module_x", "list"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "no_such_module_x" in out.stderr and "Traceback" not in out.stderr
