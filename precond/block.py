@@ -46,8 +46,9 @@ class Needs:
         return [labels[f.name] for f in fields(self) if getattr(self, f.name)]
 
     def need_closure(self) -> bool:
-        """Whether the plain ``loss.backward(); opt.step()`` idiom is not enough."""
-        return self.outputs or self.create_graph or self.closure
+        """Whether the plain ``loss.backward(); opt.step()`` idiom is not enough (layer hooks must be
+        armed before the forward pass, so they need the closure too)."""
+        return self.outputs or self.create_graph or self.closure or self.hooks
 
 
 class Block(BaseModel):

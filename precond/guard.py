@@ -42,12 +42,15 @@ def first_nonfinite(
     """
     if not tensors:
         return None
+    # The L2 norm is torch's fused fast path (other orders fall back to per-tensor kernels many times
+    # slower); NaN/Inf propagate into it. Values whose squares overflow (|x| > ~1e19 in float32) count
+    # as non-finite too.
     if divisors is None:
         bad = ~torch.isfinite(_stack(torch._foreach_norm(tensors)))
     else:
-        bad = ~torch.isfinite(_stack(torch._foreach_norm(divisors, float("inf"))))
-        if not nonzero:
-            bad |= ~(_stack(torch._foreach_norm(divisors, float("-inf"))) > 0)
+        bad = ~torch.isfinite(_stack(torch._foreach_norm(divisors)))
+        if not nonzero:  # no damping floor: a zero divisor is possible (rare: only undamped transforms)
+            bad |= ~(_stack([d.abs().amin() for d in divisors]) > 0)
     if not bool(bad.any()):
         return None
     return int(bad.nonzero()[0, 0])
