@@ -50,8 +50,12 @@ class Outcome:
             return "finished"
         if self.status == "skipped":
             return f"finished, {self.detail}"
-        short = self.detail.split(". ")[0]
-        return f"{self.status}: {short[:90]}"
+        detail = self.detail
+        if "consecutive steps skipped" in detail and "the last: " in detail:
+            count = detail.split(" consecutive", 1)[0]
+            detail = f"{count} bad steps in a row, the last at " + detail.split("the last: ", 1)[1]
+        short = detail.split(". ")[0]
+        return f"{self.status}: {short[:140]}"
 
 
 def _mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh, seed: int = 0) -> nn.Sequential:
