@@ -188,6 +188,11 @@ class Curvature(Block, Interval):
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
         raise NotImplementedError(f"curvature '{self.name}' cannot fill a diagonal structure")
 
+    def nonnegative(self) -> bool:
+        """Whether every estimate is >= 0 (sums of squares, PSD diagonals); lets the pipeline skip
+        the update check when the transforms cannot turn such statistics into NaN/Inf."""
+        return False
+
     def full(self, ctx: GroupStep) -> torch.Tensor:
         """The dense curvature over ``ctx.params`` flattened in order."""
         raise NotImplementedError(f"curvature '{self.name}' cannot fill a full structure")
@@ -260,6 +265,11 @@ class Transform(Block, Interval):
 
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         raise NotImplementedError
+
+    def keeps_finite(self, form: str, nonnegative: bool) -> bool:
+        """Whether finite inputs always give a finite direction (on a ``form`` structure holding
+        statistics that are ``nonnegative``); when every transform says so, the update check is skipped."""
+        return False
 
 
 class Momentum(Block):

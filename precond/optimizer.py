@@ -83,6 +83,12 @@ class Pipeline:
             out = out | (block.needs_at(step) if block is self.curvature else block.needs())
         return out
 
+    def update_may_be_nonfinite(self) -> bool:
+        """False when finite gradients and estimates provably give a finite update (Adam, SGD, Sophia)."""
+        nonnegative = self.curvature is None or self.curvature.nonnegative()
+        form = self.structure.form if self.structure is not None else ""
+        return not all(t.keeps_finite(form, nonnegative) for t in self.transforms)
+
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         for block in (self.structure, self.momentum):
             if block is not None:
@@ -215,6 +221,8 @@ class Optimizer(torch.optim.Optimizer):
         directions = [pipe.post(ctx, d) for ctx, d, pipe in zip(ctxs, directions, pipes)]
         if self.guard.active:
             for ctx, d, pipe in zip(ctxs, directions, pipes):
+                if not pipe.update_may_be_nonfinite():
+                    continue
                 problem = self.guard.check(
                     d.tensors,
                     lambda i: f"the update of {self._name(ctx.params[i])} is non-finite (blocks "  # noqa: B023

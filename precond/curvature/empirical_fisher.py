@@ -38,6 +38,9 @@ class EmpiricalFisher(Curvature):
     form: Literal["batch", "per_sample"] = Field("batch", description="batch gradient g g^T, or per-sample average")
     chunk: int = Field(256, ge=1, description="per-sample products computed per backward (memory bound)")
 
+    def nonnegative(self) -> bool:
+        return True
+
     def needs(self) -> Needs:
         return Needs(outputs=True) if self.form == "per_sample" else Needs()
 

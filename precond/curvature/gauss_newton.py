@@ -37,6 +37,9 @@ class GaussNewton(Curvature):
     mc_samples: int = Field(0, ge=0, description="0: exact; k > 0: Monte-Carlo with k sampled labels per sample")
     chunk: int = Field(256, ge=1, description="backward products computed per pass (memory bound)")
 
+    def nonnegative(self) -> bool:
+        return True
+
     def needs(self) -> Needs:
         return Needs(outputs=True)
 

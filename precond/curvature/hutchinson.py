@@ -45,6 +45,9 @@ class Hutchinson(Curvature):
             raise ValueError("average_before_abs needs abs: true and an average")
         return self
 
+    def nonnegative(self) -> bool:
+        return self.abs or self.square
+
     def needs(self) -> Needs:
         return Needs(create_graph=True)
 

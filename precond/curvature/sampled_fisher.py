@@ -44,6 +44,9 @@ class SampledFisher(Curvature):
     batch_scale: bool = Field(True, description="batch form: multiply by M (Sophia's B); unbiased for the GGN")
     chunk: int = Field(256, ge=1, description="per-sample products computed per backward (memory bound)")
 
+    def nonnegative(self) -> bool:
+        return True
+
     def needs(self) -> Needs:
         return Needs(outputs=True)
 

@@ -21,6 +21,9 @@ class Clip(Transform):
     mode: Literal["elementwise", "norm"] = Field("elementwise", description="elementwise (Sophia) or norm")
     threshold: float = Field(1.0, gt=0, description="the bound")
 
+    def keeps_finite(self, form: str, nonnegative: bool) -> bool:
+        return True
+
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         d = direction.materialize()
         if self.mode == "elementwise":

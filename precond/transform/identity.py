@@ -10,5 +10,8 @@ from precond.registry import register
 class Identity(Transform):
     """No preconditioning: the direction is the (momentum) gradient."""
 
+    def keeps_finite(self, form: str, nonnegative: bool) -> bool:
+        return True
+
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         return direction

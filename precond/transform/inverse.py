@@ -27,6 +27,10 @@ class Inverse(Transform):
     damping_mode: Literal["add", "max"] = Field("add", description="add: 1/(scale*C + damping); max: 1/max(scale*C, damping)")
     scale: float = Field(1.0, gt=0, description="multiplies the curvature before damping (Sophia's gamma)")
 
+    def keeps_finite(self, form: str, nonnegative: bool) -> bool:
+        # max(scale*v, eps) >= eps > 0 always; scale*v + eps > 0 for v >= 0
+        return form == "diagonal" and self.damping > 0 and (self.damping_mode == "max" or nonnegative)
+
     def fn(self, eigenvalues: torch.Tensor) -> torch.Tensor:
         scaled = self.scale * eigenvalues
         return 1.0 / (scaled.clamp_min(self.damping) if self.damping_mode == "max" else scaled + self.damping)

@@ -24,6 +24,10 @@ class InverseRoot(Transform):
         "inside", description="inside: (C + eps)^(-1/p); outside: (C^(1/p) + eps)^(-1) (Adam's eps)"
     )
 
+    def keeps_finite(self, form: str, nonnegative: bool) -> bool:
+        # (v + eps)^(-1/p) and 1/(v^(1/p) + eps) are finite for finite v >= 0 and eps > 0
+        return form == "diagonal" and nonnegative and self.damping > 0
+
     def fn(self, eigenvalues: torch.Tensor) -> torch.Tensor:
         """The spectral function on eigenvalues."""
         if self.damping_position == "outside":
