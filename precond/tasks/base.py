@@ -306,6 +306,23 @@ def epoch_batches(
         epoch += 1
 
 
+def split_standardized(x: Any, y: Any, test_fraction: float = 0.25) -> tuple[Any, Any, Any, Any]:
+    """``(x_train, x_test, y_train, y_test)``: a fixed shuffled split (seed 0, independent of the run
+    seed), inputs z-scored with the training statistics, arrays read-only (cached by the callers)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    perm = np.random.RandomState(0).permutation(len(x))
+    n_test = round(test_fraction * len(x))
+    test, train = perm[:n_test], perm[n_test:]
+    x_train, x_test = standardize(x[train], x[test])
+    arrays = (x_train, x_test, y[train], y[test])
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
+
+
 def standardize(train: Any, test: Any) -> tuple[Any, Any]:
     """z-score with the training mean/std (constant columns keep std 1)."""
     mean = train.mean(axis=0)

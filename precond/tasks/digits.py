@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.tasks.base import TaskInstance, epoch_batches, register_task, seeded, standardize
+from precond.tasks.base import TaskInstance, epoch_batches, register_task, seeded, split_standardized
 
 _TEST_FRACTION = 0.25
 
@@ -27,16 +27,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    x = np.asarray(data.data, dtype=np.float64)
-    y = np.asarray(data.target, dtype=np.int64)
-    perm = np.random.RandomState(0).permutation(len(x))
-    n_test = round(_TEST_FRACTION * len(x))
-    test, train = perm[:n_test], perm[n_test:]
-    x_train, x_test = standardize(x[train], x[test])
-    arrays = (x_train, x_test, y[train], y[test])
-    for a in arrays:
-        a.setflags(write=False)
-    return arrays
+    return split_standardized(data.data, data.target, _TEST_FRACTION)
 
 
 def _tensors(dtype: torch.dtype):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.tasks.base import TaskInstance, register_task, seeded, standardize
+from precond.tasks.base import TaskInstance, register_task, seeded, split_standardized
 
 L2 = 1e-2
 
@@ -33,16 +33,7 @@ def breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     from sklearn.datasets import load_breast_cancer
 
     data = load_breast_cancer()
-    x = np.asarray(data.data, dtype=np.float64)
-    y = np.asarray(data.target, dtype=np.int64)
-    perm = np.random.RandomState(0).permutation(len(x))
-    n_test = round(0.25 * len(x))
-    test, train = perm[:n_test], perm[n_test:]
-    x_train, x_test = standardize(x[train], x[test])
-    arrays = (x_train, x_test, y[train], y[test])
-    for a in arrays:
-        a.setflags(write=False)
-    return arrays
+    return split_standardized(data.data, data.target, 0.25)
 
 
 @lru_cache(maxsize=8)
