@@ -373,3 +373,8 @@ def estimate_factors(curvature: Any, ctx: Any, recorder: Recorder) -> dict[str, 
         a, g = layer_factors(*layer_rows(layer, rec, grads), est.weight)
         out[layer.name] = (a.detach().clone(), g.detach().clone())
     return out
+
+
+def factor_dtype(like: torch.Tensor) -> torch.dtype:
+    """Curvature factors of half-precision parameters are kept (and applied) in float32."""
+    return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype

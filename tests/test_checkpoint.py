@@ -95,3 +95,49 @@ def test_generator_state_round_trips() -> None:
     opt2 = precond.build("adam", make_mlp(), seed=99)
     opt2.load_state_dict(sd)
     assert torch.equal(torch.rand(3, generator=opt2.generator), expected)
+
+
+def test_float32_factors_of_a_bfloat16_model_stay_float32() -> None:
+    """torch would cast every floating state tensor to the parameter dtype on load; precond keeps it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(torch.bfloat16)
+    x = torch.randn(16, 5, dtype=torch.bfloat16)
+    y = torch.randint(0, 3, (16,))
+
+    def closure():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out.float(), y), out
+
+    opt = precond.build("shampoo", model)
+    opt.step(closure)
+    factor_dtypes = {v.dtype for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() == 2
+                     and v.shape[0] == v.shape[1] and v.is_floating_point()}
+    assert torch.float32 in factor_dtypes
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = precond.build("shampoo", model)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            if isinstance(v, torch.Tensor):
+                assert opt2.state[p][k].dtype == v.dtype, k
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_every_recipe_trains_a_bfloat16_model(name: str) -> None:
+    """Half-precision parameters: curvature state in float32 where it matters, finite parameters."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(torch.bfloat16)
+    x = torch.randn(16, 5, dtype=torch.bfloat16)
+    y = torch.randint(0, 3, (16,))
+
+    def closure():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out.float(), y), out
+
+    opt = precond.build(name, model, likelihood="categorical")
+    for _ in range(12):
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

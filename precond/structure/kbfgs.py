@@ -39,7 +39,7 @@ from torch import Tensor
 from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
 from precond.errors import PipelineError
 from precond.evaluation import evaluate
-from precond.layers import Layer, Recorder, find_layers, layer_rows, sample_count
+from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_rows, sample_count
 from precond.linalg.quasi_newton import bfgs_inverse_update, double_damping, two_loop
 from precond.registry import register
 
@@ -168,7 +168,7 @@ class KBFGS(Structure):
                 raise PipelineError(
                     f"structure kbfgs: the forward hook of layer '{layer.name}' did not fire inside the closure"
                 )
-            h_rows, a_mean, g_mean = means[layer]
+            h_rows, a_mean, g_mean = (t.to(factor_dtype(t)) for t in means[layer])  # float32 for half params
             st = ctx.optimizer.state[layer.params[0]]
             k_a, k_ha = self.key("A"), self.key("H_a")
             hh = h_rows.T @ h_rows / h_rows.shape[0]
@@ -254,7 +254,8 @@ class KBFGS(Structure):
                 parts.get(id(layer.bias)) if layer.bias is not None else None,
             )
             h_g = self._h_g(st)
-            p = (h_g @ v) @ st[self.key("H_a")]
+            h_a = st[self.key("H_a")]
+            p = ((h_g @ v.to(h_a.dtype)) @ h_a).to(v.dtype)
             w, b = layer.from_matrix(p)
             for i in idx:
                 q = ctx.params[i]

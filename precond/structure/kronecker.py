@@ -29,7 +29,7 @@ from torch import Tensor
 
 from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
 from precond.errors import PipelineError
-from precond.layers import Layer, Recorder, find_layers, layer_factors, layer_rows, warn_silent
+from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_factors, layer_rows, warn_silent
 from precond.linalg.kron import BlockPartition, block_partition, mode_products, reassemble_blocks, shampoo_statistics, split_into_blocks
 from precond.linalg.spectral import EighFailureError, EighResult, matrix_function, robust_eigh
 from precond.registry import register
@@ -69,7 +69,8 @@ def _partition(shape: tuple[int, ...], max_dim: int, merge_dims: bool) -> BlockP
 
 
 def _rotate(x: Tensor, qs: list[Tensor], into: bool) -> Tensor:
-    """Into the eigenbasis (``Q_1ᵀ X Q_2`` for a matrix) or back out of it (``Q_1 X Q_2ᵀ``)."""
+    """Into the eigenbasis (``Q_1ᵀ X Q_2`` for a matrix) or back out of it (``Q_1 X Q_2ᵀ``), in the bases' dtype."""
+    x = x.to(qs[0].dtype)
     if x.dim() == 2:
         return qs[0].T @ x @ qs[1] if into else qs[0] @ x @ qs[1].T
     return mode_products(x, [q.T if into else q for q in qs])
@@ -262,7 +263,7 @@ class Kronecker(Structure):
         return self.key(f"factor.{u.tag}.{j}")
 
     def _ensure(self, u: _Unit, like: Tensor) -> None:
-        dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        dtype = factor_dtype(like)
         for j, n in enumerate(u.dims):
             key = self._factor_key(u, j)
             if key not in u.state:
@@ -437,10 +438,17 @@ class Kronecker(Structure):
             self._update_moments(ctx, rt, live)
             live = [u for u in live if u.state.get(self.key("moment_updates"), 0) > 0]
         blocks = self._blocks(ctx, live, direction.tensors)
-        results = [self._apply(u, x, transform) for u, x in zip(live, blocks)]
+        results = [self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, blocks)]
         out = list(direction.tensors) if direction.owned else [t.clone() for t in direction.tensors]
         self._assemble(ctx, live, results, out)
         return Direction(out, direction.coef, True)
+
+    def _apply_infactor_dtype(self, u: _Unit, x: Tensor, transform: Transform) -> Tensor:
+        """Low-precision parameters keep float32 factors: compute in the factors' dtype, return in x's."""
+        dtype = factor_dtype(x)
+        if dtype == x.dtype:
+            return self._apply(u, x, transform)
+        return self._apply(u, x.to(dtype), transform).to(x.dtype)
 
     def _apply(self, u: _Unit, x: Tensor, transform: Transform) -> Tensor:
         k = len(u.dims)
@@ -472,8 +480,8 @@ class Kronecker(Structure):
             qs = [u.state[self.key(f"basis.{u.tag}.{j}")] for j in range(len(u.dims))]
             if u.layer is not None:
                 a_rows, g_rows, w = rt.rows[u.layer]
-                a2 = (a_rows @ qs[1]).square()
-                g2 = (g_rows @ qs[0]).square().sum(0)
+                a2 = (a_rows.to(qs[1].dtype) @ qs[1]).square()
+                g2 = (g_rows.to(qs[0].dtype) @ qs[0]).square().sum(0)
                 new = (g2.T @ a2) * w  # EKFAC: w Σ_r (Q_Gᵀ g_r)² (Q_Aᵀ a_r)²ᵀ
             else:
                 new = _rotate(g, qs, True).square()
