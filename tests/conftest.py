@@ -33,3 +33,22 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
 def mlp_pair():
     m = make_mlp()
     return m, copy.deepcopy(m)
+
+
+class TorchAdapter:
+    """Test-only: gives a torch optimizer the precond ``step(closure)`` contract."""
+
+    def __init__(self, inner: torch.optim.Optimizer):
+        self.inner = inner
+        self.param_groups = inner.param_groups
+        self.defaults = inner.defaults
+
+    def step(self, closure):
+        def backward_closure():
+            self.inner.zero_grad()
+            out = closure()
+            loss = out[0] if isinstance(out, tuple) else out
+            loss.backward()
+            return loss
+
+        return self.inner.step(backward_closure)

@@ -97,8 +97,8 @@ def test_generator_state_round_trips() -> None:
     assert torch.equal(torch.rand(3, generator=opt2.generator), expected)
 
 
-def test_float32_factors_of_a_bfloat16_model_stay_float32() -> None:
-    """torch would cast every floating state tensor to the parameter dtype on load; precond keeps it."""
+def bfloat16_setup():
+    """A bfloat16 MLP and a closure computing the loss in float32."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(torch.bfloat16)
     x = torch.randn(16, 5, dtype=torch.bfloat16)
@@ -108,6 +108,12 @@ def test_float32_factors_of_a_bfloat16_model_stay_float32() -> None:
         out = model(x)
         return torch.nn.functional.cross_entropy(out.float(), y), out
 
+    return model, closure
+
+
+def test_float32_factors_of_a_bfloat16_model_stay_float32() -> None:
+    """torch would cast every floating state tensor to the parameter dtype on load; precond keeps it."""
+    model, closure = bfloat16_setup()
     opt = precond.build("shampoo", model)
     opt.step(closure)
     factor_dtypes = {v.dtype for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() == 2
@@ -127,15 +133,7 @@ def test_float32_factors_of_a_bfloat16_model_stay_float32() -> None:
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
 def test_every_recipe_trains_a_bfloat16_model(name: str) -> None:
     """Half-precision parameters: curvature state in float32 where it matters, finite parameters."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(torch.bfloat16)
-    x = torch.randn(16, 5, dtype=torch.bfloat16)
-    y = torch.randint(0, 3, (16,))
-
-    def closure():
-        out = model(x)
-        return torch.nn.functional.cross_entropy(out.float(), y), out
-
+    model, closure = bfloat16_setup()
     opt = precond.build(name, model, likelihood="categorical")
     for _ in range(12):
         opt.step(closure)

@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 
+from conftest import TorchAdapter
+
 from precond.tasks import (
     TaskInstance,
     build_task,
@@ -36,32 +38,9 @@ OUTPUT_SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is faster and immune to oversubscription
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
-class TorchAdapter:
-    """Test-only: gives a torch optimizer the precond ``step(closure)`` contract."""
 
-    def __init__(self, inner: torch.optim.Optimizer):
-        self.inner = inner
-        self.param_groups = inner.param_groups
-        self.defaults = inner.defaults
-
-    def step(self, closure):
-        def backward_closure():
-            self.inner.zero_grad()
-            out = closure()
-            loss = out[0] if isinstance(out, tuple) else out
-            loss.backward()
-            return loss
-
-        return self.inner.step(backward_closure)
 
 
 def _run(task: TaskInstance, opt, steps: int) -> tuple[int | None, dict[str, float]]:

@@ -13,37 +13,17 @@ import math
 
 import pytest
 import torch
+
+from conftest import TorchAdapter
 from rich.console import Console
 from rich.table import Table
 
 from precond.training import CompareResult, RunResult, compare, render_table, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
-class TorchAdapter:
-    """Test-only: gives a torch optimizer the precond ``step(closure)`` contract."""
 
-    def __init__(self, inner: torch.optim.Optimizer):
-        self.inner = inner
-        self.param_groups = inner.param_groups
-        self.defaults = inner.defaults
-
-    def step(self, closure):
-        def backward_closure():
-            self.inner.zero_grad()
-            out = closure()
-            loss = out[0] if isinstance(out, tuple) else out
-            loss.backward()
-            return loss
-
-        return self.inner.step(backward_closure)
 
 
 def adam(model, likelihood, lr=1e-2):
