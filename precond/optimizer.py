@@ -190,27 +190,24 @@ class Optimizer(torch.optim.Optimizer):
         return ev
 
     def _update(self, ev: Evaluation, step: int) -> str | None:
-        """One step of the pipeline; returns what was non-finite (nothing changed) or None."""
+        """One step of the pipeline; returns what was non-finite (the step then changes nothing) or None."""
         if ev.loss is not None and self.guard.active and not bool(torch.isfinite(ev.loss)):
             return f"the loss is {ev.loss.item()}"
         ctxs = [c for c in (self._gather(g, ev, step) for g in self.param_groups) if c.params]
-        grads = [g for c in ctxs for g in c.grads]
-        problem = self.guard.check(grads, lambda i: f"non-finite gradient in {self._name([p for c in ctxs for p in c.params][i])}")
+        pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
+        problem = self._check_gradients(ctxs)
         if problem:
             return problem
-        pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
         scopes: dict[int, list[torch.Tensor]] = {}
         for ctx, pipe in zip(ctxs, pipes):
             ctx.scope = scopes.setdefault(id(pipe.curvature), [])
             ctx.scope.extend(ctx.params)
             pipe.decay.gradient(ctx)
         due = [(c, p) for c, p in zip(ctxs, pipes) if p.curvature is not None and p.curvature.due(step)]
-        for ctx, pipe in due:
-            est = pipe.structure.estimates(ctx, pipe.curvature)  # type: ignore[union-attr,arg-type]
-            problem = self.guard.check(est, lambda i: f"curvature '{pipe.curvature.name}' is non-finite for {self._name(ctx.params[i])}")  # type: ignore[union-attr]  # noqa: B023
-            if problem:
-                return problem
-        self.global_step = step
+        problem = self._check_estimates(due)
+        if problem:
+            return problem
+        self.global_step = step  # from here on the step counts
         for ctx in ctxs:
             for s in ctx.states:
                 s["step"] += 1
@@ -219,22 +216,44 @@ class Optimizer(torch.optim.Optimizer):
         directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
         directions = self.step_control.scale(ctxs, directions)
         directions = [pipe.post(ctx, d) for ctx, d, pipe in zip(ctxs, directions, pipes)]
-        if self.guard.active:
-            for ctx, d, pipe in zip(ctxs, directions, pipes):
-                if not pipe.update_may_be_nonfinite():
-                    continue
-                problem = self.guard.check(
-                    d.tensors,
-                    lambda i: f"the update of {self._name(ctx.params[i])} is non-finite (blocks "  # noqa: B023
-                    f"{', '.join(b.name for b in pipe.blocks())}); parameters unchanged",  # noqa: B023
-                    d.denominator,
-                    d.nonzero,
-                )
-                if problem:
-                    return problem
+        problem = self._check_updates(ctxs, pipes, directions)
+        if problem:
+            return problem
         for ctx, pipe in zip(ctxs, pipes):
             pipe.decay.parameters(ctx)
         self.step_control.apply(ctxs, directions)
+        return None
+
+    # --- the non-finite checks (precond.guard) ------------------------------------------
+
+    def _check_gradients(self, ctxs: list[GroupStep]) -> str | None:
+        params = [p for c in ctxs for p in c.params]
+        return self.guard.check([g for c in ctxs for g in c.grads], lambda i: f"non-finite gradient in {self._name(params[i])}")
+
+    def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]]) -> str | None:
+        for ctx, pipe in due:
+            est = pipe.structure.estimates(ctx, pipe.curvature)  # type: ignore[union-attr,arg-type]
+            problem = self.guard.check(
+                est, lambda i: f"curvature '{pipe.curvature.name}' is non-finite for {self._name(ctx.params[i])}"  # type: ignore[union-attr]  # noqa: B023
+            )
+            if problem:
+                return problem
+        return None
+
+    def _check_updates(self, ctxs: list[GroupStep], pipes: list[Pipeline], directions: list[Direction]) -> str | None:
+        """Statistics advanced already (from finite inputs); a non-finite update leaves the parameters."""
+        for ctx, pipe, d in zip(ctxs, pipes, directions):
+            if not self.guard.active or not pipe.update_may_be_nonfinite():
+                continue
+            blocks = ", ".join(b.name for b in pipe.blocks())
+            problem = self.guard.check(
+                d.tensors,
+                lambda i: f"the update of {self._name(ctx.params[i])} is non-finite (blocks {blocks}); parameters unchanged",  # noqa: B023
+                d.denominator,
+                d.nonzero,
+            )
+            if problem:
+                return problem
         return None
 
     def _name(self, p: torch.Tensor) -> str:
