@@ -109,12 +109,14 @@ def test_logistic_is_full_batch_and_reports_the_optimality_gap():
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_adam_reaches_the_short_target_within_the_short_budget(name):
-    # torch.optim.Adam at the task's "adam" lr hint, for every task; on
+    # precond's `adam` recipe at the task's "adam" lr hint, for every task; on
     # rosenbrock that is lr 0.1, reaching distance 1e-2 after ~850 of 1000 steps
+    import precond
+
     task = build_task(name, seed=0, short=True)
     lr = task.lr_hint("adam")
     assert lr is not None
-    opt = TorchAdapter(torch.optim.Adam(task.model.parameters(), lr=lr))
+    opt = precond.build("adam", task.model, likelihood=task.likelihood, lr=lr)
     reached, metrics = _run(task, opt, task.default_steps)
     assert reached is not None, f"{name}: {metrics} after {task.default_steps} steps, target {task.target}"
 
