@@ -156,6 +156,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"recipe '{recipe.name}' needs {' and '.join(self.needs.names())}: pass the nn.Module to "
                 "precond.build(recipe, model), not its parameters"
             )
+        _refuse_unreduced_distributed(recipe, self.needs)
         self.generator = torch.Generator().manual_seed(seed)
         self.global_step = 0
         self.guard = Guard(recipe.on_nonfinite, recipe.max_nonfinite)
@@ -378,3 +379,22 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def _refuse_unreduced_distributed(recipe: Recipe, needs: Needs) -> None:
+    """Under torch.distributed, only recipes built from DDP's averaged gradients keep ranks identical.
+
+    Curvature from activations, outputs or a differentiable gradient, and line searches on the
+    local loss, would differ between ranks (their statistics are not all-reduced yet): refuse
+    rather than let the ranks drift apart silently.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if needs.need_closure() or needs.model:
+        raise PipelineError(
+            f"recipe '{recipe.name}' needs {' and '.join(needs.names())}; under torch.distributed with "
+            f"{dist.get_world_size()} processes those statistics would differ between ranks (they are not "
+            "all-reduced yet), and the ranks would drift apart. Use a recipe built from gradient statistics "
+            "(sgd, adam, adamw, adagrad, shampoo, soap, ...) or one process. See docs/distributed.md."
+        )
