@@ -13,7 +13,6 @@ key so an error can say exactly where it is and what would work.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -582,7 +581,7 @@ def _problem(error: Mapping[str, Any], data: dict[str, Any], locations: Location
     where = str(_locate(path, locations, source))
     dotted = _dotted(path)
     if kind == "extra_forbidden":
-        owner = _block_class(path[:-1] if path and path[0] != "transform" else _owner_path(path), data)
+        owner = _block_class(path[:-1], data)
         fields = [f for f in (owner.model_fields if owner else {}) if f != "type"]
         hint = registry.suggest(str(path[-1]), fields) if fields else ""
         valid = f"; valid keys: {', '.join(fields)}" if fields else ""
@@ -599,15 +598,8 @@ def _problem(error: Mapping[str, Any], data: dict[str, Any], locations: Location
     return Problem(where, dotted, f"{expected} (got {shown})")
 
 
-def _owner_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
-    # transform.N.key -> transform.N ; transform.key -> transform
-    return path[:-1]
-
 
 def fingerprint(recipe: Recipe) -> dict[str, Any]:
     """What must match for a checkpoint to resume: the block types, in order."""
     return {path: block.name for path, block in recipe.blocks()}
 
-
-def dumps(recipe: Recipe) -> str:
-    return json.dumps(recipe.to_dict(), sort_keys=True)

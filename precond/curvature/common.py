@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from precond.autodiff import per_sample_vjp
 from precond.evaluation import Evaluation
 
 
@@ -43,10 +42,6 @@ def sampled_output_grads(ev: Evaluation, who: str, samples: int) -> tuple[torch.
             cols.append(g.reshape(m, -1))
     return torch.stack(cols, dim=-1), out, m
 
-
-def per_sample_factor(out: torch.Tensor, params: list[torch.Tensor], vectors: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    """``J_mᵀ u_mk`` for all samples and vectors: per parameter ``(M*K, *param.shape)``."""
-    return per_sample_vjp(out, params, vectors, chunk)
 
 
 def diagonal_of_factor(factor: list[torch.Tensor], m: int) -> list[torch.Tensor]:

@@ -7,8 +7,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from precond.autodiff import per_sample_vjp
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
-from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, per_sample_factor
+from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of
 from precond.curvature.products import outer_vp
 from precond.layers import KroneckerEstimate, Recorder, captured_output_grads, sample_count
 from precond.registry import register
@@ -49,7 +50,7 @@ class EmpiricalFisher(Curvature):
         out, m = outputs_of(ev, "empirical_fisher(form=per_sample)")
         (dl_df,) = torch.autograd.grad(ev.loss_graph, out, retain_graph=True)
         vectors = (dl_df.detach() * m).reshape(m, -1, 1)  # ∇_f ℓ_m, since L = (1/M) Σ ℓ_m
-        return per_sample_factor(out, params, vectors, self.chunk), m
+        return per_sample_vjp(out, params, vectors, self.chunk), m
 
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
         if self.form == "batch":

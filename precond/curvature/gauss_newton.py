@@ -7,9 +7,10 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
+from precond.autodiff import per_sample_vjp
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.errors import PipelineError
-from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, per_sample_factor, sampled_output_grads
+from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, sampled_output_grads
 from precond.curvature.products import ggn_vp, outer_vp
 from precond.layers import KroneckerEstimate, Recorder, output_grads_by_backprop
 from precond.registry import register
@@ -47,10 +48,10 @@ class GaussNewton(Curvature):
         ev = ctx.evaluation
         if self.mc_samples:
             grads, out, m = sampled_output_grads(ev, "gauss_newton", self.mc_samples)
-            return per_sample_factor(out, params, grads / self.mc_samples**0.5, self.chunk), m
+            return per_sample_vjp(out, params, grads / self.mc_samples**0.5, self.chunk), m
         out, m = outputs_of(ev, "gauss_newton")
         sqrt = ev.require_likelihood("gauss_newton").hessian_sqrt(out.detach())  # (..., C, K)
-        return per_sample_factor(out, params, sqrt.reshape(m, out.shape[-1], -1), self.chunk), m
+        return per_sample_vjp(out, params, sqrt.reshape(m, out.shape[-1], -1), self.chunk), m
 
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
         def compute(scope: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -7,10 +7,10 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from precond.autodiff import batched_vjp
+from precond.autodiff import batched_vjp, per_sample_vjp
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.errors import PipelineError
-from precond.curvature.common import dense_of_factor, diagonal_of_factor, flat_outer_mean, per_sample_factor, sampled_output_grads
+from precond.curvature.common import dense_of_factor, diagonal_of_factor, flat_outer_mean, sampled_output_grads
 from precond.curvature.products import outer_vp
 from precond.layers import KroneckerEstimate, Recorder, output_grads_by_backprop
 from precond.registry import register
@@ -57,7 +57,7 @@ class SampledFisher(Curvature):
 
     def _per_sample(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         grads, out, m = sampled_output_grads(ctx.evaluation, "sampled_fisher", self.samples)
-        factor = per_sample_factor(out, params, grads / self.samples**0.5, self.chunk)
+        factor = per_sample_vjp(out, params, grads / self.samples**0.5, self.chunk)
         return factor, m
 
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
