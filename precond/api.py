@@ -60,6 +60,7 @@ def build(
     likelihood: str | None = None,
     seed: int = 0,
     set: Mapping[str, Any] | None = None,  # noqa: A002
+    distributed: str | None = None,
     **hyper: Any,
 ) -> Optimizer:
     """Assemble an optimizer from a recipe.
@@ -71,8 +72,12 @@ def build(
     ``set={"structure.beta": 0.99}`` sets block fields by dotted path.
     ``likelihood`` (``"categorical"`` or ``"gaussian"``) tells curvature blocks
     what distribution the model predicts. ``seed`` seeds the optimizer's own
-    random generator (probes, sampled labels).
+    random generator (probes, sampled labels); give every process the same seed.
+    ``distributed`` (``"replicated"`` or ``"sharded"``) overrides the recipe's
+    ``distributed.mode`` (see docs/distributed.md).
     """
+    if distributed is not None:
+        set = {**(set or {}), "distributed.mode": distributed}  # noqa: A001
     resolved = resolve(recipe, hyper=hyper, set=set)
     params, module = _params(model, resolved)
     return Optimizer(params, resolved, model=module, likelihood=likelihood, seed=seed)

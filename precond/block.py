@@ -62,6 +62,11 @@ class Block(BaseModel):
     def needs(self) -> Needs:
         return Needs()
 
+    def distributed_problem(self) -> str | None:
+        """Why this block cannot keep several processes identical (None: it can). Under
+        torch.distributed such a recipe is refused at build time instead of drifting."""
+        return None
+
     # lifecycle: no-ops unless a block needs them (e.g. layer hooks for Kronecker factors)
     def setup(self, optimizer: Optimizer) -> None:
         """Called once when the optimizer is built (register module hooks, map layers)."""
@@ -208,6 +213,12 @@ class Curvature(Block, Interval):
     def needs_at(self, step: int) -> Needs:
         """What this block needs on ``step``: nothing on steps it does not refresh."""
         return self.needs() if self.due(step) else Needs()
+
+    def reduce_estimates(self, structure: Structure) -> bool:
+        """Under torch.distributed: whether ``structure``'s fresh estimates are means over this process's
+        batch, which the pipeline averages over the processes (the default), or already global (False:
+        built from DDP's averaged gradients, or averaged inside the block before a nonlinear step)."""
+        return True
 
 
 @dataclass

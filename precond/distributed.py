@@ -17,11 +17,15 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from collections import Counter
 from typing import Iterable, Literal, Mapping, Sequence
+
+import torch
 
 from precond.linalg.kron import BlockPartition, block_partition
 
 __all__ = [
+    "Comm",
     "Block",
     "assign_blocks",
     "assign_named",
@@ -173,3 +177,131 @@ def kronecker_costs(
     owners are a pure function of the shapes, ``max_dim`` and the world size.
     """
     return [(b.name, b.cost(kind)) for b in kronecker_blocks(shapes, max_dim, merge_dims=merge_dims)]
+
+
+# --------------------------------------------------------------------------- the optimizer's process group
+
+
+Item = tuple[int, Sequence[Sequence[int]]]  # (owner rank, shapes of the tensors the owner sends)
+Result = tuple[float, "list[torch.Tensor] | None"]  # (status, tensors or None)
+
+
+class Comm:
+    """What an optimizer needs from ``torch.distributed``: averages, block owners, one-buffer exchanges.
+
+    Inactive (one process, or no process group) it does nothing and costs
+    nothing: :meth:`mean_` returns at once, every block is owned by rank 0 and
+    :meth:`exchange` hands back what this rank computed. ``mode`` is the
+    recipe's ``distributed.mode``: ``replicated`` (every rank keeps every
+    block; owners compute the eigendecompositions and all ranks receive them)
+    or ``sharded`` (owners alone keep a block's state and compute its
+    preconditioned update; all ranks receive the updates). ``traffic`` counts
+    the bytes each rank receives, by collective, for the benchmark.
+    """
+
+    def __init__(self, mode: str = "replicated", group: object = None) -> None:
+        d = torch.distributed
+        on = d.is_available() and d.is_initialized()
+        self.group = group
+        self.world = d.get_world_size(group) if on else 1
+        self.rank = d.get_rank(group) if on else 0
+        self.mode = mode
+        self.traffic: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+        self._owners: dict[tuple[tuple[str, float], ...], dict[str, int]] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.active and self.mode == "sharded"
+
+    def _count(self, kind: str, numel: int, itemsize: int) -> None:
+        self.traffic[kind] += numel * itemsize
+        self.calls[kind] += 1
+
+    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Average ``tensors`` over the ranks in place: one all-reduce per dtype through one flat buffer."""
+        if not self.active or not tensors:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for ts in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            torch.distributed.all_reduce(flat, group=self.group)
+            flat.div_(self.world)
+            self._count("all_reduce", flat.numel(), flat.element_size())
+            for t, chunk in zip(ts, torch.split(flat, [t.numel() for t in ts])):
+                t.copy_(chunk.view_as(t))
+
+    def sizes(self, n: int) -> list[int]:
+        """Every rank's ``n`` (e.g. its number of samples), in rank order."""
+        if not self.active:
+            return [n]
+        mine = torch.tensor([n], dtype=torch.int64)
+        out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        torch.distributed.all_gather(out, mine, group=self.group)
+        self._count("all_gather", self.world, 8)
+        return [int(t) for t in out]
+
+    def rows(self, n: int) -> tuple[int, int]:
+        """This rank's first row and the global row count, when each rank holds ``n`` consecutive rows."""
+        sizes = self.sizes(n)
+        return sum(sizes[: self.rank]), sum(sizes)
+
+    def owners(self, costs: Sequence[tuple[str, float]]) -> list[int]:
+        """The owner of each named block (:func:`assign_named`, cached); all rank 0 when inactive."""
+        if not self.active:
+            return [0] * len(costs)
+        key = tuple(costs)
+        if key not in self._owners:
+            self._owners[key] = assign_named(key, self.world)
+        table = self._owners[key]
+        return [table[name] for name, _ in costs]
+
+    def exchange(self, items: Sequence[Item], local: Mapping[int, Result], dtype: torch.dtype) -> list[Result]:
+        """Every rank gets what the owners computed: one all-gather of one flat, padded buffer per rank.
+
+        ``items[i] = (owner, shapes)``; this rank gives ``local[i] = (status, tensors)``
+        for each item it owns (``tensors`` may be None: zeros are sent). The
+        status travels with the tensors (e.g. 1: computed, 0: nothing, -1: failed).
+        Values go through ``dtype`` (pick one that holds every item's dtype exactly).
+        """
+        if not self.active:
+            return [local[i] for i in range(len(items))]
+        sizes = [[math.prod(s) for s in shapes] for _, shapes in items]
+        seg = [0] * self.world
+        for (owner, _), n in zip(items, sizes):
+            seg[owner] += 1 + sum(n)
+        width = max(seg)
+        buf = torch.zeros(width, dtype=dtype)
+        at = 0
+        for i, (owner, _) in enumerate(items):
+            if owner != self.rank:
+                continue
+            status, tensors = local[i]
+            buf[at] = status
+            at += 1
+            for t, n in zip(tensors or [None] * len(sizes[i]), sizes[i]):
+                if t is not None:
+                    buf[at : at + n] = t.reshape(-1)
+                at += n
+        gathered = [torch.empty(width, dtype=dtype) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, buf, group=self.group)
+        self._count("all_gather", width * self.world, buf.element_size())
+        cursor = [0] * self.world
+        out: list[Result] = []
+        for (owner, shapes), n in zip(items, sizes):
+            src, at = gathered[owner], cursor[owner]
+            status = float(src[at])
+            at += 1
+            tensors = []
+            for shape, k in zip(shapes, n):
+                tensors.append(src[at : at + k].view(tuple(shape)).clone())  # own memory: it may go into the state
+                at += k
+            cursor[owner] = at
+            out.append((status, tensors if status > 0 else None))
+        return out

@@ -27,6 +27,7 @@ class Evaluation:
     model: nn.Module | None = None
     likelihood: Any = None  # a precond.likelihood.Likelihood, when the recipe names one
     generator: torch.Generator | None = None
+    comm: Any = None  # a precond.distributed.Comm under torch.distributed (None: one process)
     memo: dict[Any, Any] = field(default_factory=dict)  # per-step results shared across param groups
 
     def require_outputs(self, who: str) -> torch.Tensor:
@@ -36,6 +37,25 @@ class Evaluation:
         if not isinstance(out, torch.Tensor) or out.grad_fn is None:
             raise PipelineError(f"{who} needs the model outputs with their graph: return (loss, outputs) from the closure")
         return out
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this step runs on several processes (estimates from local data must be averaged)."""
+        return self.comm is not None and self.comm.active
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` over the processes in place (nothing in one process)."""
+        if self.distributed:
+            self.comm.mean_(tensors)
+
+    def rows(self, m: int) -> tuple[int, int] | None:
+        """This process's first row and the global row count (None in one process)."""
+        if not self.distributed:
+            return None
+        key = ("rows", m)
+        if key not in self.memo:
+            self.memo[key] = self.comm.rows(m)
+        return self.memo[key]
 
     def require_likelihood(self, who: str) -> Any:
         if self.likelihood is None:

@@ -93,6 +93,16 @@ def _check_generator(generator: object) -> torch.Generator:
     return generator
 
 
+def _rows(rows: tuple[int, int] | None, m: int) -> tuple[int, int]:
+    """``(first, total)`` of this part's ``m`` rows in the whole batch (default: the whole batch)."""
+    if rows is None:
+        return 0, m
+    first, total = rows
+    if first < 0 or first + m > total:
+        raise ValueError(f"rows {first}..{first + m} do not fit in a batch of {total}")
+    return first, total
+
+
 def _check_samples(samples: int | None) -> None:
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples must be None or a positive integer, got {samples!r}")
@@ -113,12 +123,18 @@ class Likelihood(ABC):
         """Loss of each sample; broadcasts over leading dims (``(..., C)`` -> ``(...)``)."""
 
     @abstractmethod
-    def sample(self, outputs: Tensor, generator: torch.Generator, samples: int | None = None) -> Tensor:
+    def sample(
+        self, outputs: Tensor, generator: torch.Generator, samples: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Tensor:
         """Targets drawn from the predictive distribution defined by ``outputs``.
 
         ``samples=None`` returns one draw shaped like ``targets`` (``loss``-ready);
         ``samples=k`` returns ``k`` independent draws stacked as ``(k, *target_shape)``
         (also for ``k = 1``). Only ``generator`` is used; the result is detached.
+        ``rows=(first, total)``: the outputs are rows ``first ..`` of a batch of
+        ``total`` rows (one process of several): the random numbers of all
+        ``total`` rows are drawn and this part's are used, so the draws do not
+        depend on how the batch is split (docs/distributed.md).
         """
 
     @abstractmethod
@@ -171,8 +187,13 @@ class Categorical(Likelihood):
         log_p = torch.log_softmax(outputs, dim=-1)
         return -log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
-    def sample(self, outputs: Tensor, generator: torch.Generator, samples: int | None = None) -> Tensor:
-        """Class indices ``ŷ ~ Categorical(softmax(outputs))`` (int64), from ``generator`` only."""
+    def sample(
+        self, outputs: Tensor, generator: torch.Generator, samples: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Class indices ``ŷ ~ Categorical(softmax(outputs))`` (int64), from ``generator`` only.
+
+        Inverse-CDF sampling: one uniform ``u`` per row and draw, ``ŷ = #{j : cdf_j <= u}``.
+        """
         generator = _check_generator(generator)
         _check_samples(samples)
         logits = outputs.detach()
@@ -183,10 +204,10 @@ class Categorical(Likelihood):
         compute_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
         probs = torch.softmax(logits.to(compute_dtype), dim=-1).reshape(-1, num_classes)
         k = 1 if samples is None else samples
-        if probs.shape[0] == 0:
-            drawn = torch.empty(0, k, dtype=torch.long, device=logits.device)
-        else:
-            drawn = torch.multinomial(probs, k, replacement=True, generator=generator)  # (M, k)
+        first, total = _rows(rows, probs.shape[0])
+        u = torch.rand(k, total, generator=generator, dtype=compute_dtype)[:, first : first + probs.shape[0]]
+        cdf = probs.cumsum(-1)
+        drawn = torch.searchsorted(cdf, u.T.to(logits.device).contiguous(), right=True).clamp_(max=num_classes - 1)  # (M, k)
         drawn = drawn.transpose(0, 1).reshape(k, *batch_shape)
         return drawn[0] if samples is None else drawn
 
@@ -232,7 +253,9 @@ class Gaussian(Likelihood):
         """``mean_d (f_d - y_d)²`` over the last dimension."""
         return (outputs - targets).square().mean(dim=-1)
 
-    def sample(self, outputs: Tensor, generator: torch.Generator, samples: int | None = None) -> Tensor:
+    def sample(
+        self, outputs: Tensor, generator: torch.Generator, samples: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Tensor:
         """``ŷ = f + √(D/2) ε``, ``ε ~ N(0, I)`` from ``generator``; same dtype as the outputs."""
         generator = _check_generator(generator)
         _check_samples(samples)
@@ -240,8 +263,11 @@ class Gaussian(Likelihood):
         if mean.dim() < 1:
             raise ValueError("gaussian outputs must have an output dimension (last)")
         scale = math.sqrt(mean.shape[-1] / 2.0)
-        shape = tuple(mean.shape) if samples is None else (samples, *mean.shape)
-        noise = torch.randn(shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        k, d = 1 if samples is None else samples, mean.shape[-1]
+        m = mean.numel() // d if d else 0
+        first, total = _rows(rows, m)
+        noise = torch.randn(k, total, d, generator=generator, dtype=mean.dtype)[:, first : first + m].to(mean.device)
+        noise = noise.reshape(mean.shape if samples is None else (samples, *mean.shape))
         return mean + scale * noise
 
     def _identity(self, outputs: Tensor, scale: float) -> Tensor:

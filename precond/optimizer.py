@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from precond.distributed import Comm
 from precond.block import Curvature, Decay, Direction, GroupStep, Momentum, Needs, Step, Structure, Transform
 from precond.errors import CheckpointError, PipelineError
 from precond.evaluation import Evaluation, evaluate
@@ -156,11 +157,13 @@ class Optimizer(torch.optim.Optimizer):
                 f"recipe '{recipe.name}' needs {' and '.join(self.needs.names())}: pass the nn.Module to "
                 "precond.build(recipe, model), not its parameters"
             )
-        _refuse_unreduced_distributed(recipe, self.needs)
+        self.comm = Comm(recipe.distributed.mode)  # type: ignore[attr-defined]
+        self._refuse_distributed_problems()
+        self._ranks_checked = False
         self.generator = torch.Generator().manual_seed(seed)
         self.global_step = 0
         self.guard = Guard(recipe.on_nonfinite, recipe.max_nonfinite)
-        self._blocks = [self.step_control] + [b for pipe in self.pipelines.values() for b in pipe.blocks()]
+        self._blocks = self._all_blocks()
         for block in self._blocks:
             block.setup(self)
 
@@ -186,8 +189,15 @@ class Optimizer(torch.optim.Optimizer):
         needs = self.needs if closure is None else self._needs_at(step)  # the plain idiom must serve every step
         for block in self._blocks:
             block.before_closure(self, step)
-        ev = evaluate(closure, self._trainable(), needs, f"recipe '{self.recipe.name}'")
-        ev.model, ev.likelihood, ev.generator = self.model, self.likelihood, self.generator
+        params = self._trainable()
+        ev = evaluate(closure, params, needs, f"recipe '{self.recipe.name}'")
+        ev.model, ev.likelihood, ev.generator, ev.comm = self.model, self.likelihood, self.generator, self.comm
+        if self.comm.active and ev.graph_grads is not None:
+            # torch.autograd.grad (for a differentiable gradient) bypasses DDP's reducer: average here
+            grads = [p.grad.clone() for p in params if p.grad is not None]
+            self.comm.mean_(grads)
+            for p, g in zip([p for p in params if p.grad is not None], grads):
+                p.grad = g
         return ev
 
     def _update(self, ev: Evaluation, step: int) -> str | None:
@@ -196,6 +206,8 @@ class Optimizer(torch.optim.Optimizer):
             return f"the loss is {ev.loss.item()}"
         ctxs = [c for c in (self._gather(g, ev, step) for g in self.param_groups) if c.params]
         pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
+        if self.comm.active and not self._ranks_checked:
+            self._check_ranks_agree(ctxs)
         problem = self._check_gradients(ctxs)
         if problem:
             return problem
@@ -232,8 +244,11 @@ class Optimizer(torch.optim.Optimizer):
         return self.guard.check([g for c in ctxs for g in c.grads], lambda i: f"non-finite gradient in {self._name(params[i])}")
 
     def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]]) -> str | None:
-        for ctx, pipe in due:
-            est = pipe.structure.estimates(ctx, pipe.curvature)  # type: ignore[union-attr,arg-type]
+        """The fresh estimates, averaged over the processes where they come from local data, then checked."""
+        fresh = [(ctx, pipe, pipe.structure.estimates(ctx, pipe.curvature)) for ctx, pipe in due]  # type: ignore[union-attr,arg-type]
+        if self.comm.active:
+            self.comm.mean_([t for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.structure) for t in est])  # type: ignore[union-attr,arg-type]
+        for ctx, pipe, est in fresh:
             problem = self.guard.check(
                 est, lambda i: f"curvature '{pipe.curvature.name}' is non-finite for {self._name(ctx.params[i])}"  # type: ignore[union-attr]  # noqa: B023
             )
@@ -256,6 +271,45 @@ class Optimizer(torch.optim.Optimizer):
             if problem:
                 return problem
         return None
+
+    # --- several processes (precond.distributed) -----------------------------------------
+
+    def _refuse_distributed_problems(self) -> None:
+        """Under torch.distributed, refuse a recipe with a block that would let the processes drift apart."""
+        if not self.comm.active:
+            return
+        problems = [p for p in (b.distributed_problem() for b in self._all_blocks()) if p]
+        if problems:
+            raise PipelineError(
+                f"recipe '{self.recipe.name}' cannot run on {self.comm.world} processes: " + "; ".join(dict.fromkeys(problems))
+                + ". The processes would drift apart. Use one process, or a recipe without these blocks (docs/distributed.md)"
+            )
+
+    def _all_blocks(self) -> list[Any]:
+        return [self.step_control] + [b for pipe in self.pipelines.values() for b in pipe.blocks()]
+
+    def _check_ranks_agree(self, ctxs: list[GroupStep]) -> None:
+        """Once, on the first step: every process must hold the same parameters and averaged gradients."""
+        self._ranks_checked = True
+        params = [p for c in ctxs for p in c.params]
+        local = torch.stack(
+            [torch.stack([t.double().sum(), t.double().square().sum()]) for p, g in zip(params, (g for c in ctxs for g in c.grads)) for t in (p.detach(), g)]
+        ) if params else torch.zeros(0, 2, dtype=torch.float64)
+        everyone = [torch.empty_like(local) for _ in range(self.comm.world)]
+        torch.distributed.all_gather(everyone, local, group=self.comm.group)
+        for rank, other in enumerate(everyone):
+            differ = (other != everyone[0]).any(dim=1).nonzero()
+            if len(differ):
+                i = int(differ[0])
+                what = "values" if i % 2 == 0 else "gradients"
+                raise PipelineError(
+                    f"the {what} of {self._name(params[i // 2])} differ between processes 0 and {rank} on the first step: "
+                    + ("the model's parameters are not the same on every process (DistributedDataParallel broadcasts "
+                       "them when it wraps the model)" if what == "values" else
+                       "the gradients are not averaged over the processes")
+                    + ". Wrap the model in torch.nn.parallel.DistributedDataParallel and call the wrapper inside the "
+                    "closure; precond averages its own curvature statistics (docs/distributed.md)"
+                )
 
     def _name(self, p: torch.Tensor) -> str:
         info = self.param_info.get(p)
@@ -297,7 +351,16 @@ class Optimizer(torch.optim.Optimizer):
     # --- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus precond's own section.
+
+        With ``distributed.mode: sharded`` on several processes each process
+        keeps only the blocks it owns: this call is then collective (every
+        process must make it) and returns the whole state on every process, so
+        a checkpoint loads on any number of processes.
+        """
         out = super().state_dict()
+        if self.comm.sharded:
+            out["state"] = self._gather_state(out["state"])
         out["precond"] = {
             "version": STATE_VERSION,
             "recipe": self.recipe.name,
@@ -308,6 +371,18 @@ class Optimizer(torch.optim.Optimizer):
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
         return out
+
+    def _gather_state(self, local: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+        """The union of every process's state; a block's tensors live on its owner alone."""
+        everyone: list[Any] = [None] * self.comm.world
+        torch.distributed.all_gather_object(everyone, local, group=self.comm.group)
+        merged: dict[Any, dict[str, Any]] = {}
+        for state in everyone:
+            for key, value in state.items():
+                entry = merged.setdefault(key, {})
+                for k, v in value.items():
+                    entry.setdefault(k, v)
+        return {k: merged[k] for k in sorted(merged)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint; every check runs before anything changes.
@@ -379,22 +454,3 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
-
-
-def _refuse_unreduced_distributed(recipe: Recipe, needs: Needs) -> None:
-    """Under torch.distributed, only recipes built from DDP's averaged gradients keep ranks identical.
-
-    Curvature from activations, outputs or a differentiable gradient, and line searches on the
-    local loss, would differ between ranks (their statistics are not all-reduced yet): refuse
-    rather than let the ranks drift apart silently.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    if needs.need_closure() or needs.model:
-        raise PipelineError(
-            f"recipe '{recipe.name}' needs {' and '.join(needs.names())}; under torch.distributed with "
-            f"{dist.get_world_size()} processes those statistics would differ between ranks (they are not "
-            "all-reduced yet), and the ranks would drift apart. Use a recipe built from gradient statistics "
-            "(sgd, adam, adamw, adagrad, shampoo, soap, ...) or one process. See docs/distributed.md."
-        )

@@ -34,6 +34,19 @@ MAX_DEPTH = 64
 # --- the schema ----------------------------------------------------------------------------
 
 
+class Distributed(BaseModel):
+    """How the recipe runs under torch.distributed (ignored in one process); docs/distributed.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["replicated", "sharded"] = Field(
+        "replicated",
+        description="replicated: every rank keeps every preconditioner block, the block's owner computes its "
+        "eigendecompositions and all ranks receive them; sharded (memory-saving): the owner alone keeps a block's "
+        "statistics and computes its preconditioned update, which all ranks receive every step",
+    )
+
+
 class Recipe(BaseModel):
     """Base of the generated recipe model; ``isinstance(r, Recipe)`` holds for every recipe."""
 
@@ -48,6 +61,7 @@ class Recipe(BaseModel):
         "skip", description="NaN/Inf in the loss, a gradient, a curvature estimate or the update: skip the step, raise, or ignore"
     )
     max_nonfinite: int = Field(10, ge=1, description="raise after this many consecutive skipped steps")
+    distributed: Distributed = Field(default_factory=Distributed, description="under torch.distributed: how preconditioner work is shared")
 
     HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
 
@@ -555,6 +569,8 @@ def _data_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
 def _block_class(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
     if not path:
         return recipe_model()
+    if path == ("distributed",):
+        return Distributed
     kind = path[0]
     if kind not in KINDS:
         return None

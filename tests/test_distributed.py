@@ -135,22 +135,38 @@ def test_balance_is_bounded_by_the_largest_block() -> None:
 
 STEPS = 20
 GLOBAL_BATCH = 16
-# Shampoo's float32 eigendecompositions of factors summed from 1e-4*I amplify round-off: a relative
-# change of 1e-7 in the gradients (the order of summation of DDP's all-reduce against the one-process
-# batch mean) moves the parameters by ~8e-6 after 20 steps; with the eigendecompositions in float64
-# (parameters, gradients and factors stay float32) it is ~5e-7. Hence "shampoo64" for the 1e-6 check.
-RECIPES: dict[str, tuple[str, dict | None, float]] = {  # label: (recipe, set, tolerance against 1 process)
-    "adam": ("adam", None, 1e-6),
-    "shampoo64": ("shampoo", {"structure.float64": True}, 1e-6),
-    "shampoo": ("shampoo", None, 3e-5),
+# label: (recipe, set, distributed mode, model dtype, tolerance against 1 process on the global batch).
+# DDP's all-reduce sums in another order than one process's batch mean: the processes see gradients that
+# differ from one process's by round-off (~1e-7 relative in float32), and some methods amplify it:
+# - Shampoo's float32 eigendecompositions of factors summed from 1e-4*I: ~1e-5 after 20 steps; with the
+#   eigendecompositions in float64 (parameters, gradients, factors float32) < 1e-6 ("shampoo64").
+# - AdaHessian (|Hz| / sqrt(EMA) + 1e-4) and EKFAC (rotated moments + 1e-3) in float32: 1e-4 and O(1) after
+#   20 steps, also in one process under a 1e-7 perturbation; in float64 they agree to 1e-12 and 1e-7.
+# - SOAP: a factor with repeated eigenvalues (G Gᵀ of few gradients, from 0) has no unique eigenbasis, round-off
+#   picks one, and Adam in the eigenbasis depends on the choice: no tolerance against one process; its
+#   sharded run is compared with its replicated run instead (test_sharded_equals_replicated).
+CASES: dict[str, tuple[str, dict | None, str, torch.dtype, float | None]] = {
+    "adam": ("adam", None, "replicated", torch.float32, 1e-6),
+    "kfac": ("kfac", None, "replicated", torch.float32, 1e-6),
+    "kfac/sharded": ("kfac", None, "sharded", torch.float32, 1e-6),
+    "shampoo64": ("shampoo", {"structure.float64": True}, "replicated", torch.float32, 1e-6),
+    "shampoo64/sharded": ("shampoo", {"structure.float64": True}, "sharded", torch.float32, 1e-6),
+    "shampoo": ("shampoo", None, "replicated", torch.float32, 3e-5),
+    "shampoo/sharded": ("shampoo", None, "sharded", torch.float32, 3e-5),
+    "sophia_g": ("sophia_g", None, "replicated", torch.float32, 1e-6),
+    "adahessian": ("adahessian", None, "replicated", torch.float64, 1e-10),
+    "ekfac": ("ekfac", None, "replicated", torch.float64, 1e-6),
+    "soap": ("soap", None, "replicated", torch.float32, None),
+    "soap/sharded": ("soap", None, "sharded", torch.float32, None),
 }
-# (label, what precond.build receives): the DDP wrapper or the wrapped module; both share the parameters
-CASES = [("adam", "ddp"), ("adam", "module"), ("shampoo64", "ddp"), ("shampoo64", "module"), ("shampoo", "ddp")]
+RESUME = ("kfac", "kfac/sharded", "shampoo64/sharded")  # checkpoint at 2 processes, resume at 1 and 4
 
 
-def _model() -> nn.Module:
+def _model(label: str = "adam") -> nn.Module:
+    """Mixed layer sizes, so that blocks land on different processes."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+    return model.to(CASES[label][3])
 
 
 def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -158,12 +174,16 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def _train(model: nn.Module, target: nn.Module, label: str, rank: int, world: int) -> list[float]:
-    recipe, overrides, _ = RECIPES[label]
-    opt = precond.build(recipe, target, set=overrides)
+def _build(label: str, target: nn.Module) -> precond.Optimizer:
+    recipe, overrides, mode, _, _ = CASES[label]
+    return precond.build(recipe, target, likelihood="categorical", set=overrides, distributed=mode)
+
+
+def _steps(model: nn.Module, opt: precond.Optimizer, rank: int, world: int, start: int, stop: int) -> list[float]:
     per = GLOBAL_BATCH // world
     losses = []
-    for x, y in _data():
+    for x, y in _data()[start:stop]:
+        x = x.to(next(model.parameters()).dtype)
         xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
 
         def closure(xs: torch.Tensor = xs, ys: torch.Tensor = ys) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,74 +194,179 @@ def _train(model: nn.Module, target: nn.Module, label: str, rank: int, world: in
     return losses
 
 
-def _worker(rank: int, world: int, tmp: str) -> None:
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank: int, world: int, tmp: str, resume_from: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        results = {}
-        for label, target in CASES:
-            ddp = DDP(_model())
-            losses = _train(ddp, ddp if target == "ddp" else ddp.module, label, rank, world)
-            results[f"{label}/{target}"] = {
-                "params": [p.detach().clone() for p in ddp.module.parameters()],
-                "losses": losses,
-            }
+        results: dict[str, dict] = {}
+        for label in CASES:
+            ddp = DDP(_model(label))
+            opt = _build(label, ddp)
+            losses = _steps(ddp, opt, rank, world, 0, STEPS)
+            results[label] = {"params": _params(ddp.module), "losses": losses, "traffic": dict(opt.comm.traffic)}
+        for label in RESUME:
+            ddp = DDP(_model(label))
+            opt = _build(label, ddp)
+            if resume_from is None:  # write a checkpoint half-way (a collective in sharded mode), run on
+                _steps(ddp, opt, rank, world, 0, STEPS // 2)
+                state = opt.state_dict()
+                if rank == 0:
+                    torch.save({"model": ddp.module.state_dict(), "opt": state}, f"{tmp}/{label.replace('/', '_')}.ckpt")
+                _steps(ddp, opt, rank, world, STEPS // 2, STEPS)
+            else:
+                ckpt = torch.load(f"{resume_from}/{label.replace('/', '_')}.ckpt", weights_only=True)
+                ddp.module.load_state_dict(ckpt["model"])
+                opt.load_state_dict(ckpt["opt"])
+                _steps(ddp, opt, rank, world, STEPS // 2, STEPS)
+            results[f"resume:{label}"] = {"params": _params(ddp.module)}
+        # a model that is not wrapped in DDP: gradients of different halves, never averaged
+        plain = _model()
+        opt = precond.build("adam", plain)
+        try:
+            _steps(plain, opt, rank, world, 0, 1)
+            results["plain"] = {"error": None, "params": _params(plain)}
+        except precond.errors.PipelineError as exc:
+            results["plain"] = {"error": str(exc), "params": _params(plain)}
         torch.save(results, f"{tmp}/rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(world: int, tmp: Path, resume_from: Path | None = None) -> list[dict]:
+    mp.start_processes(_worker, args=(world, str(tmp), None if resume_from is None else str(resume_from)),
+                       nprocs=world, join=True, start_method="spawn")
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("ddp")
-    world = 2
-    mp.start_processes(_worker, args=(world, str(tmp)), nprocs=world, join=True, start_method="spawn")
-    return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    tmp = tmp_path_factory.mktemp("ddp2")
+    return tmp, _spawn(2, tmp)
 
 
-@pytest.mark.parametrize("label,target", CASES)
-def test_two_ddp_processes_equal_one_process_on_the_global_batch(ddp_results: list[dict], label: str, target: str) -> None:
-    reference = _model()
-    ref_losses = _train(reference, reference, label, 0, 1)
-    key = f"{label}/{target}"
-    rank0, rank1 = (r[key] for r in ddp_results)
-    # every rank holds bitwise-identical parameters
-    for a, b in zip(rank0["params"], rank1["params"]):
-        assert torch.equal(a, b)
-    # and they are the parameters one process gets on the whole batch
-    start = [p.detach() for p in _model().parameters()]
-    moved = max(float((p.detach() - s).abs().max()) for p, s in zip(reference.parameters(), start))
-    assert moved > 1e-3  # the runs did train
-    diff = max(float((p.detach() - q).abs().max()) for p, q in zip(reference.parameters(), rank0["params"]))
-    tolerance = RECIPES[label][2]
-    assert diff <= tolerance, f"{key}: 2 DDP ranks differ from 1 process by {diff:.3g}"
-    # the global loss (mean of the ranks' halves) matches as well
-    mean_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
-    assert mean_losses == pytest.approx(ref_losses, abs=1e-5)
+@pytest.fixture(scope="module")
+def four(tmp_path_factory: pytest.TempPathFactory, two: tuple[Path, list[dict]]) -> list[dict]:
+    return _spawn(4, tmp_path_factory.mktemp("ddp4"), resume_from=two[0])
 
 
-def test_reference_run_is_not_trivially_equal_to_a_half_batch_run() -> None:
-    # the check above is meaningful: training on one rank's half alone gives different parameters
-    full, half = _model(), _model()
-    _train(full, full, "adam", 0, 1)
-    _train(half, half, "adam", 0, 2)
-    assert max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(full.parameters(), half.parameters())) > 1e-4
+@pytest.fixture(scope="module")
+def reference() -> dict[str, dict]:
+    """One process on the global batch."""
+    out = {}
+    for label in CASES:
+        model = _model(label)
+        opt = _build(label, model)
+        losses = _steps(model, opt, 0, 1, 0, STEPS)
+        out[label] = {"params": _params(model), "losses": losses}
+        assert not opt.comm.active
+    return out
 
 
-def test_recipes_that_would_drift_under_ddp_are_refused(monkeypatch) -> None:
-    """Curvature from outputs, activations or double backward is not all-reduced yet: refuse, don't drift."""
-    import precond
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("label", list(CASES))
+def test_ddp_processes_equal_one_process_on_the_global_batch(
+    request: pytest.FixtureRequest, reference: dict, world: int, label: str
+) -> None:
+    ranks = request.getfixturevalue("two")[1] if world == 2 else request.getfixturevalue("four")
+    # every process holds bitwise-identical parameters
+    for other in ranks[1:]:
+        for a, b in zip(ranks[0][label]["params"], other[label]["params"]):
+            assert torch.equal(a, b), f"{label}: processes differ"
+    # and they are what one process gets on the whole batch
+    start = _params(_model(label))
+    assert _max_diff(reference[label]["params"], start) > 1e-3  # the runs did train
+    tolerance = CASES[label][4]
+    if tolerance is None:
+        return
+    diff = _max_diff(reference[label]["params"], ranks[0][label]["params"])
+    assert diff <= tolerance, f"{label}: {world} DDP processes differ from 1 process by {diff:.3g}"
+    mean_losses = [sum(r[label]["losses"][i] for r in ranks) / world for i in range(STEPS)]
+    assert mean_losses == pytest.approx(reference[label]["losses"], abs=1e-5)
+
+
+@pytest.mark.parametrize("label", RESUME)
+def test_a_checkpoint_from_two_processes_resumes_on_one_and_on_four(two: tuple[Path, list[dict]], four: list[dict], label: str) -> None:
+    tmp, ranks2 = two
+    uninterrupted = ranks2[0][f"resume:{label}"]["params"]
+    assert _max_diff(uninterrupted, ranks2[0][label]["params"]) == 0.0  # the save did not disturb the run
+    ckpt = torch.load(tmp / f"{label.replace('/', '_')}.ckpt", weights_only=True)
+    model = _model(label)
+    model.load_state_dict(ckpt["model"])
+    opt = _build(label, model)
+    opt.load_state_dict(ckpt["opt"])
+    _steps(model, opt, 0, 1, STEPS // 2, STEPS)
+    assert _max_diff(_params(model), uninterrupted) <= 1e-6
+    for r in four:
+        assert _max_diff(r[f"resume:{label}"]["params"], uninterrupted) <= 1e-6
+        for a, b in zip(r[f"resume:{label}"]["params"], four[0][f"resume:{label}"]["params"]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("recipe", ["kfac", "shampoo", "soap"])
+def test_sharded_equals_replicated(request: pytest.FixtureRequest, world: int, recipe: str) -> None:
+    """The memory-saving mode computes the same numbers on the owners: it changes where, not what."""
+    ranks = request.getfixturevalue("two")[1] if world == 2 else request.getfixturevalue("four")
+    for a, b in zip(ranks[0][recipe]["params"], ranks[0][f"{recipe}/sharded"]["params"]):
+        assert torch.equal(a, b), f"{recipe}: sharded differs from replicated at {world} processes"
+
+
+def test_sharded_mode_splits_the_work_and_says_what_it_sent(two: tuple[Path, list[dict]]) -> None:
+    ranks = two[1]
+    replicated, sharded = ranks[0]["kfac"]["traffic"], ranks[0]["kfac/sharded"]["traffic"]
+    # both all-reduce the K-FAC factors; replicated all-gathers eigenbases on refreshes, sharded the
+    # preconditioned blocks on every step
+    assert replicated["all_reduce"] == sharded["all_reduce"] > 0
+    assert replicated["all_gather"] > 0 and sharded["all_gather"] > 0
+    assert ranks[0]["adam"]["traffic"] == {}  # DDP alone averages Adam's statistics
+
+
+def test_reference_run_is_not_trivially_equal_to_a_quarter_batch_run() -> None:
+    # the checks above mean something: one process on its quarter of the batch ends elsewhere
+    full, part = _model(), _model()
+    _steps(full, _build("kfac", full), 0, 1, 0, STEPS)
+    _steps(part, _build("kfac", part), 0, 4, 0, STEPS)
+    assert _max_diff(_params(full), _params(part)) > 1e-4
+
+
+def test_a_model_without_ddp_is_caught_on_the_first_step(two: tuple[Path, list[dict]]) -> None:
+    start = _params(_model())
+    for r in two[1]:
+        assert "gradients of parameter '0.weight' differ between processes 0 and 1" in r["plain"]["error"]
+        assert "DistributedDataParallel" in r["plain"]["error"]
+        assert _max_diff(r["plain"]["params"], start) == 0.0  # nothing moved
+
+
+def test_recipes_that_would_drift_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks that decide on this process's loss, or multiply by its curvature inside CG, are refused."""
     from precond.errors import PipelineError
 
     monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    for name in ("adahessian", "sophia_g", "sophia_h", "kfac", "lbfgs", "newton"):
-        with pytest.raises(PipelineError, match="would differ between ranks"):
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    refused = {
+        "lbfgs": "step 'line_search'", "bfgs": "step 'line_search'", "hessian_free": "solver: cg",
+        "kbfgs": "structure 'kbfgs'",
+    }
+    for name, why in refused.items():
+        with pytest.raises(PipelineError, match="cannot run on 2 processes") as info:
             precond.build(name, model, likelihood="categorical")
-    for name in ("adam", "adamw", "sgd", "adagrad", "shampoo", "soap"):
+        assert why in str(info.value)
+    for name in ("adam", "adamw", "sgd", "adagrad", "shampoo", "soap", "kfac", "ekfac", "sophia_g", "sophia_h",
+                 "adahessian", "newton", "gauss_newton", "natural_gradient"):
         precond.build(name, model, likelihood="categorical")
+    with pytest.raises(PipelineError, match="distributed.mode: replicated"):
+        precond.build("ekfac", model, likelihood="categorical", distributed="sharded")

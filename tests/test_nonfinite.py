@@ -74,8 +74,8 @@ def test_nonfinite_curvature_is_caught_before_accumulating(monkeypatch) -> None:
     snap = snapshot(model, opt)
     real = Hutchinson.estimate
 
-    def poisoned(self, params, grads, generator):
-        out = real(self, params, grads, generator)
+    def poisoned(self, params, grads, generator, mean_=None):
+        out = real(self, params, grads, generator, mean_)
         out[1] = out[1] * float("nan")
         return out
 

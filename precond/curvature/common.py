@@ -28,12 +28,18 @@ def outputs_of(ev: Evaluation, who: str) -> tuple[torch.Tensor, int]:
 def sampled_output_grads(ev: Evaluation, who: str, samples: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample ``∇_f ℓ_m(ŷ)`` at labels drawn from the model: ``(M, C, samples)``.
 
-    Also returns the outputs and ``M``. Labels come from the optimizer's generator.
+    Also returns the outputs and ``M``. Labels come from the optimizer's
+    generator; on several processes each draws the random numbers of the whole
+    batch and uses its rows, so the labels do not depend on the process count.
     """
     out, m = outputs_of(ev, who)
     lik = ev.require_likelihood(who)
     f = out.detach().requires_grad_(True)
-    labels = lik.sample(f.detach(), ev.generator, samples=samples)  # (samples, *target_shape)
+    rows = ev.rows(m)
+    if rows is None:
+        labels = lik.sample(f.detach(), ev.generator, samples=samples)  # (samples, *target_shape)
+    else:
+        labels = lik.sample(f.detach(), ev.generator, samples=samples, rows=rows)
     with torch.enable_grad():
         cols = []
         for s in range(samples):

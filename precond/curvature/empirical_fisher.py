@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -44,6 +44,13 @@ class EmpiricalFisher(Curvature):
 
     def needs(self) -> Needs:
         return Needs(outputs=True) if self.form == "per_sample" else Needs()
+
+    def reduce_estimates(self, structure: Any) -> bool:
+        # g g^T and Shampoo's Gram matrices come from the (DDP-averaged) gradients; per-sample
+        # products and K-FAC's layer factors from this process's batch
+        if structure.form == "kronecker":
+            return getattr(structure, "factors", "layer") == "layer"
+        return self.form == "per_sample"
 
     def _per_sample(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         ev = ctx.evaluation

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -51,6 +51,9 @@ class Hutchinson(Curvature):
     def needs(self) -> Needs:
         return Needs(create_graph=True)
 
+    def reduce_estimates(self, structure: Any) -> bool:
+        return False  # Hz is averaged over the processes before |.| and squares (estimate)
+
     def draw_probes(self, params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         """``samples`` probes per parameter, ``(samples, *param.shape)``, from ``generator`` in parameter order."""
         sizes = [p.numel() for p in params]
@@ -82,9 +85,15 @@ class Hutchinson(Curvature):
             return means.reshape(d.shape)
         return d
 
-    def estimate(self, params: list[torch.Tensor], grads: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    def estimate(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], generator: torch.Generator, mean_: Any = None
+    ) -> list[torch.Tensor]:
+        """``z ⊙ Hz`` per parameter; ``mean_`` (several processes) averages ``Hz``, linear in the loss,
+        over them first: every process draws the same probes from identically seeded generators."""
         probes = self.draw_probes(params, generator)
         hz = batched_hvp(grads, params, probes, self.chunk)
+        if mean_ is not None:
+            mean_(hz)
         out = []
         for z, h in zip(probes, hz):
             d = h.mul_(z)  # z ⊙ Hz, in place: hz is ours
@@ -99,7 +108,8 @@ class Hutchinson(Curvature):
         def compute(scope: list[torch.Tensor]) -> list[torch.Tensor]:
             graph = ctx.evaluation.graph_grads or {}
             grads = [graph[p] if p in graph else torch.zeros_like(p) for p in scope]
-            return self.estimate(scope, grads, ctx.evaluation.generator)
+            ev = ctx.evaluation
+            return self.estimate(scope, grads, ev.generator, ev.mean_ if ev.distributed else None)
 
         d = self.shared(ctx, "diagonal", compute)
         return DiagonalEstimate(roots=d) if self.square else DiagonalEstimate(values=d)

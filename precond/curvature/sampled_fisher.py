@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -50,10 +50,20 @@ class SampledFisher(Curvature):
     def needs(self) -> Needs:
         return Needs(outputs=True)
 
+    def reduce_estimates(self, structure: Any) -> bool:
+        return self.form == "per_sample" or structure.form == "kronecker"  # the batch form averages ĝ itself
+
     def _batch_grads(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
-        grads, out, m = sampled_output_grads(ctx.evaluation, "sampled_fisher", self.samples)  # (M, C, S)
+        """``ĝ_s`` per draw, ``(S, *param.shape)``, and ``M``; on several processes ``ĝ`` of the global
+        batch (averaged before it is squared) and the global ``M``."""
+        ev = ctx.evaluation
+        grads, out, m = sampled_output_grads(ev, "sampled_fisher", self.samples)  # (M, C, S)
         cot = (grads / m).permute(2, 0, 1).reshape(self.samples, *out.shape)  # ∂L(f, ŷ_s)/∂f
-        return batched_vjp(out, params, lambda a, b: cot[a:b], self.samples, self.chunk), m
+        rows = batched_vjp(out, params, lambda a, b: cot[a:b], self.samples, self.chunk)
+        if ev.distributed:
+            ev.mean_(rows)
+            m = ev.rows(m)[1]  # type: ignore[index]
+        return rows, m
 
     def _per_sample(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         grads, out, m = sampled_output_grads(ctx.evaluation, "sampled_fisher", self.samples)

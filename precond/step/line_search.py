@@ -254,6 +254,9 @@ class LineSearch(Step):
     def needs(self) -> Needs:
         return Needs(closure=True)
 
+    def distributed_problem(self) -> str | None:
+        return "step 'line_search' accepts or rejects trial points on this process's loss (not averaged over the processes)"
+
     def apply(self, ctxs: list[GroupStep], directions: list[Direction]) -> None:
         if not ctxs:
             return

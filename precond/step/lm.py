@@ -48,6 +48,9 @@ class LevenbergMarquardt(Step):
     def needs(self) -> Needs:
         return Needs(closure=True)
 
+    def distributed_problem(self) -> str | None:
+        return "step 'lm' adapts its damping from this process's loss at the trial point (not averaged over the processes)"
+
     def setup(self, optimizer: Any) -> None:
         for group in optimizer.param_groups:
             self._damping(optimizer, group)

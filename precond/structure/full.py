@@ -231,6 +231,11 @@ class Full(Structure):
             raise ValueError("solver: cg keeps no matrix, so it cannot accumulate; use accumulate: replace or solver: dense")
         return self
 
+    def distributed_problem(self) -> str | None:
+        if self.solver == "cg":
+            return "structure 'full' with solver: cg multiplies by this process's curvature in every CG iteration (not averaged over the processes)"
+        return None
+
     def supports(self, transform: Transform) -> bool:
         if self.solver == "cg":
             return transform.name == "inverse" and getattr(transform, "damping_mode", "add") == "add"

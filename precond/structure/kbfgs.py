@@ -83,6 +83,9 @@ class KBFGS(Structure):
     def needs(self) -> Needs:
         return Needs(hooks=True, closure=True, outputs=True)
 
+    def distributed_problem(self) -> str | None:
+        return "structure 'kbfgs' updates its BFGS factors from this process's layer statistics (not averaged over the processes)"
+
     def supports(self, transform: Transform) -> bool:
         return (
             transform.name == "inverse"

@@ -17,6 +17,7 @@ size, and cached in the optimizer state between refreshes. See
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -46,11 +47,16 @@ class _Runtime:
     recorder: Recorder | None = None
     reported: set[int] = field(default_factory=set)  # layers whose silent hooks were reported
     rows: dict[Layer, tuple[Tensor, Tensor, float]] = field(default_factory=dict)  # eigenbasis (EKFAC): this step's rows
+    owners: dict[tuple[int, ...], dict[str, int]] = field(default_factory=dict)  # per param group: block name -> rank
+    index: dict[Tensor, int] = field(default_factory=dict)  # each parameter's position in the optimizer
 
 
 @dataclass(eq=False)
 class _Unit:
-    """One block: where its factors live in the state and where it sits in the group's tensors."""
+    """One block: where its factors live in the state and where it sits in the group's tensors.
+
+    Under torch.distributed each unit has one owner (:meth:`Kronecker._owners`).
+    """
 
     state: dict[str, Any]
     tag: str  # the block's index within ``state``
@@ -58,6 +64,7 @@ class _Unit:
     share: int  # C = (⊗ factors)^(1/share)
     layer: Layer | None = None
     where: tuple[Any, ...] = ()  # layer: (weight index, bias index) in ctx.params; gradient: (param index, block index)
+    param: Tensor | None = None  # gradient factors: the parameter the block is cut from
 
 
 @lru_cache(maxsize=1024)
@@ -165,7 +172,14 @@ class Kronecker(Structure):
                 + ("gradient factors (Shampoo) are Gram matrices of the batch gradient: use curvature empirical_fisher"
                    if self.factors == "gradient" else "use empirical_fisher, sampled_fisher or gauss_newton")
             )
+        if optimizer.comm.sharded and self.factors == "layer" and self.spectrum == "eigenbasis":
+            raise PipelineError(
+                "structure kronecker with factors: layer and spectrum: eigenbasis (EKFAC) needs every process's "
+                "per-row gradients in each block's eigenbasis, which distributed.mode: sharded keeps on one process "
+                "only: use distributed.mode: replicated"
+            )
         rt = _Runtime(curvature)
+        rt.index = {p: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         if self.factors == "layer":
             params = [q for pipe in pipes for q in optimizer.pipeline_params(pipe)]
             rt.layers = find_layers(params, optimizer.param_info, f"recipe '{optimizer.recipe.name}' (structure kronecker, factors: layer)")
@@ -201,17 +215,20 @@ class Kronecker(Structure):
 
     # --- units ------------------------------------------------------------------------------
 
-    def _units(self, ctx: GroupStep, rt: _Runtime) -> list[_Unit]:
+    def _units(self, ctx: GroupStep, rt: _Runtime, params: list[Tensor] | None = None) -> list[_Unit]:
+        """The blocks of ``ctx.params`` (or of ``params``, for the ownership table: positions then unused)."""
         units: list[_Unit] = []
+        params = ctx.params if params is None else params
         if self.factors == "gradient":
-            for i, (p, state) in enumerate(zip(ctx.params, ctx.states)):
+            for i, p in enumerate(params):
+                state = ctx.optimizer.state[p]
                 part = _partition(tuple(p.shape), self.max_dim, self.merge_dims)
                 for b, dims in enumerate(part.block_shapes):
-                    units.append(_Unit(state, str(b), dims, len(dims), None, (i, b)))
+                    units.append(_Unit(state, str(b), dims, len(dims), None, (i, b), p))
             return units
         pos = {p: i for i, p in enumerate(ctx.params)}
         seen: set[int] = set()
-        for p in ctx.params:
+        for p in params:
             layer = rt.layers.get(p)
             if layer is None:
                 raise PipelineError("a parameter was added to the optimizer after it was built; Kronecker factors know only the layers seen at build time")
@@ -221,6 +238,37 @@ class Kronecker(Structure):
             state = ctx.optimizer.state[layer.params[0]]
             units.append(_Unit(state, "0", (layer.d_out, layer.d_in), 1, layer, (pos.get(layer.weight), pos.get(layer.bias))))
         return units
+
+    # --- several processes: who owns which block ---------------------------------------------
+
+    def _name(self, rt: _Runtime, u: _Unit) -> str:
+        if u.layer is not None:
+            return f"layer:{u.layer.name}"
+        return f"{rt.index[u.param]}#{u.tag}"
+
+    def _owners(self, ctx: GroupStep, rt: _Runtime, units: list[_Unit]) -> list[int]:
+        """Each unit's owner: :func:`precond.distributed.assign_named` over every block of the param
+        group (cost: one ``dim³`` per factor), a pure function of the shapes and the process count."""
+        comm = ctx.optimizer.comm
+        if not comm.active:
+            return [0] * len(units)
+        key = tuple(id(p) for p in ctx.group["params"])
+        if key not in rt.owners:
+            everything = self._units(ctx, rt, params=[p for p in ctx.group["params"] if p.requires_grad])
+            costs = [(self._name(rt, u), float(sum(d**3 for d in u.dims))) for u in everything]
+            rt.owners[key] = dict(zip((n for n, _ in costs), comm.owners(costs)))
+        table = rt.owners[key]
+        return [table[self._name(rt, u)] for u in units]
+
+    def _unit_keys(self, u: _Unit) -> list[str]:
+        """Every state key that holds this unit's tensors (dropped by processes that do not own it)."""
+        k, t = len(u.dims), u.tag
+        per_factor = [f"{w}.{t}.{j}" for w in ("factor", "basis", "root") for j in range(k)]
+        return [self.key(w) for w in per_factor + [f"scale.{t}", f"moment.{t}", f"refreshed.{t}", f"failures.{t}"]]
+
+    def _drop(self, u: _Unit) -> None:
+        for key in self._unit_keys(u):
+            u.state.pop(key, None)
 
     def _blocks(self, ctx: GroupStep, units: list[_Unit], tensors: list[Tensor]) -> list[Tensor]:
         """Each unit's block of ``tensors`` (a group-aligned list)."""
@@ -311,20 +359,25 @@ class Kronecker(Structure):
         factors: list[Tensor] = []
         batch: list[Tensor] = []
         touched: dict[int, dict[str, Any]] = {}
-        for u, fresh in self._batch(ctx, curvature):
+        pairs = self._batch(ctx, curvature)
+        comm = ctx.optimizer.comm
+        owners = self._owners(ctx, self._runtime(ctx.optimizer), [u for u, _ in pairs]) if comm.sharded else None
+        for n, (u, fresh) in enumerate(pairs):
+            touched[id(u.state)] = u.state
+            u.state.setdefault(self.key("updates"), 0)
+            if owners is not None and owners[n] != comm.rank:
+                self._drop(u)  # sharded: only the owner keeps a block's statistics
+                continue
             self._ensure(u, fresh[0])
             for j, f in enumerate(fresh):
                 factors.append(u.state[self._factor_key(u, j)])
                 batch.append(f.to(factors[-1].dtype) if f.dtype != factors[-1].dtype else f)
-            touched[id(u.state)] = u.state
-        if not factors:
-            return
-        if self.accumulate == "ema":
+        if self.accumulate == "ema" and factors:
             torch._foreach_mul_(factors, self.beta)
             torch._foreach_add_(factors, batch, alpha=1.0 - self.beta)
-        elif self.accumulate == "sum":
+        elif self.accumulate == "sum" and factors:
             torch._foreach_add_(factors, batch)
-        else:
+        elif factors:
             torch._foreach_copy_(factors, batch)
         for state in touched.values():
             state[self.key("updates")] += 1
@@ -338,7 +391,44 @@ class Kronecker(Structure):
 
     # --- refresh: eigendecompositions ----------------------------------------------------------
 
-    def _refresh(self, units: list[_Unit], transform: Transform, step: int) -> None:
+    def _refresh(
+        self, ctx: GroupStep, units: list[_Unit], transform: Transform, owners: list[int] | None = None
+    ) -> list[tuple[_Unit, str]]:
+        """Eigendecompose the factors of ``units`` and keep what the transform needs.
+
+        With ``owners`` (several processes, replicated mode) each process
+        decomposes only the blocks it owns and one all-gather hands every
+        process every result; failures are counted identically everywhere.
+        Returns the blocks that failed ``max_failures`` times in a row, with a message.
+        """
+        comm = ctx.optimizer.comm
+        mine = units if owners is None else [u for u, o in zip(units, owners) if o == comm.rank]
+        derived = dict(zip(map(id, mine), self._compute(mine, transform)))
+        if owners is not None:
+            dtype = torch.float64 if any(u.state[self._factor_key(u, 0)].dtype == torch.float64 for u in units) else torch.float32
+            items = [(o, [s for _, s in self._derived_shapes(u)]) for u, o in zip(units, owners)]
+            local = {}
+            for i, (u, o) in enumerate(zip(units, owners)):
+                if o == comm.rank:
+                    d = derived[id(u)]
+                    local[i] = (1.0, [d[k] for k, _ in self._derived_shapes(u)]) if d is not None else (0.0, None)
+            for u, (status, tensors) in zip(units, comm.exchange(items, local, dtype)):
+                like = u.state[self._factor_key(u, 0)]
+                keys = [k for k, _ in self._derived_shapes(u)]
+                derived[id(u)] = None if tensors is None else {k: t.to(like.dtype) for k, t in zip(keys, tensors)}
+        return [(u, m) for u, m in ((u, self._account(u, derived[id(u)], ctx.step)) for u in units) if m]
+
+    def _derived_shapes(self, u: _Unit) -> list[tuple[str, tuple[int, ...]]]:
+        """The state keys and shapes :meth:`_derive` fills for ``u``, in its order."""
+        k = len(u.dims)
+        if self.spectrum == "eigenbasis" or self.damping_form == "exact":
+            out = [(self.key(f"basis.{u.tag}.{j}"), (n, n)) for j, n in enumerate(u.dims)]
+            if self.spectrum == "factors":
+                out.append((self.key(f"scale.{u.tag}"), tuple(u.dims)))
+            return out
+        return [(self.key(f"root.{u.tag}.{j}"), (u.dims[j], u.dims[j])) for j in range(k)]
+
+    def _compute(self, units: list[_Unit], transform: Transform) -> list[dict[str, Tensor] | None]:
         mats: list[Tensor] = []
         for u in units:
             div = self._divisor(u.state)
@@ -346,27 +436,36 @@ class Kronecker(Structure):
                 f = u.state[self._factor_key(u, j)]
                 mats.append(f / div if div != 1.0 else f)
         eigs = self._eigh_all(mats)
+        out: list[dict[str, Tensor] | None] = []
         start = 0
         for u in units:
             k = len(u.dims)
             mine, start = eigs[start : start + k], start + k
-            derived = None if any(e is None for e in mine) else self._derive(u, mine, transform)  # type: ignore[arg-type]
-            failures = self.key(f"failures.{u.tag}")
-            if derived is None:
-                u.state[failures] = u.state.get(failures, 0) + 1
-                u.state[self.key("failures_total")] = u.state.get(self.key("failures_total"), 0) + 1
-                if u.state[failures] >= self.max_failures:
-                    raise EighFailureError(
-                        f"structure kronecker: refreshing block {u.tag} of a parameter with factors {list(u.dims)} "
-                        f"failed {u.state[failures]} times in a row (max_failures={self.max_failures}): the "
-                        "eigendecomposition failed (the statistics hold NaN/Inf: check the loss and the learning "
-                        "rate) or gave a non-finite preconditioner (a zero eigenvalue without damping): raise the "
-                        "damping or init, or max_failures"
-                    )
-                continue
+            out.append(None if any(e is None for e in mine) else self._derive(u, mine, transform))  # type: ignore[arg-type]
+        return out
+
+    def _account(self, u: _Unit, derived: dict[str, Tensor] | None, step: int) -> str | None:
+        """Keep a successful refresh; count a failed one (the previous preconditioner stays)."""
+        failures = self.key(f"failures.{u.tag}")
+        if derived is not None:
             u.state[failures] = 0
             u.state.update(derived)
             u.state[self.key(f"refreshed.{u.tag}")] = step
+            return None
+        u.state[failures] = u.state.get(failures, 0) + 1
+        u.state[self.key("failures_total")] = u.state.get(self.key("failures_total"), 0) + 1
+        if u.state[failures] < self.max_failures:
+            return None
+        return self._failure_message(u, u.state[failures])
+
+    def _failure_message(self, u: _Unit, count: int | str) -> str:
+        return (
+            f"structure kronecker: refreshing block {u.tag} of a parameter with factors {list(u.dims)} "
+            f"failed {count} times in a row (max_failures={self.max_failures}): the "
+            "eigendecomposition failed (the statistics hold NaN/Inf: check the loss and the learning "
+            "rate) or gave a non-finite preconditioner (a zero eigenvalue without damping): raise the "
+            "damping or init, or max_failures"
+        )
 
     def _eigh_all(self, mats: list[Tensor]) -> list[EighResult | None]:
         """Eigendecompositions, batched over matrices of equal size; a failed batch is retried one by one."""
@@ -396,7 +495,7 @@ class Kronecker(Structure):
         out: dict[str, Tensor] = {}
         if self.spectrum == "eigenbasis" or self.damping_form == "exact":
             for j, q in enumerate(qs):
-                out[self.key(f"basis.{u.tag}.{j}")] = q
+                out[self.key(f"basis.{u.tag}.{j}")] = q.contiguous()  # one memory layout however it was computed or received: identical products everywhere
             if self.spectrum == "factors":
                 prod = lams[0]
                 for lam in lams[1:]:
@@ -427,12 +526,20 @@ class Kronecker(Structure):
 
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
         rt = self._runtime(ctx.optimizer)
+        comm = ctx.optimizer.comm
         units = self._units(ctx, rt)
+        owners = self._owners(ctx, rt, units) if comm.active else None
+        if comm.sharded:
+            return self._precondition_sharded(ctx, rt, units, owners, transform, direction)  # type: ignore[arg-type]
         ready = [u for u in units if u.state.get(self.key("updates"), 0) > 0]
         due = transform.due(ctx.step)
         todo = [u for u in ready if due or self.key(f"refreshed.{u.tag}") not in u.state]
         if todo:
-            self._refresh(todo, transform, ctx.step)
+            ids = set(map(id, todo))
+            owned = None if owners is None else [o for u, o in zip(units, owners) if id(u) in ids]
+            errors = self._refresh(ctx, todo, transform, owned)
+            if errors:
+                raise EighFailureError(errors[0][1])
         live = [u for u in ready if self.key(f"refreshed.{u.tag}") in u.state]
         if self.spectrum == "eigenbasis":
             self._update_moments(ctx, rt, live)
@@ -441,6 +548,40 @@ class Kronecker(Structure):
         results = [self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, blocks)]
         out = list(direction.tensors) if direction.owned else [t.clone() for t in direction.tensors]
         self._assemble(ctx, live, results, out)
+        return Direction(out, direction.coef, True)
+
+    def _precondition_sharded(
+        self, ctx: GroupStep, rt: _Runtime, units: list[_Unit], owners: list[int], transform: Transform, direction: Direction
+    ) -> Direction:
+        """Memory-saving mode: each process refreshes and applies the blocks it owns; one all-gather of
+        the preconditioned blocks (status 1: preconditioned, 0: passes unchanged, -1: failed) serves all."""
+        comm = ctx.optimizer.comm
+        mine = [u for u, o in zip(units, owners) if o == comm.rank]
+        for u, o in zip(units, owners):
+            if o != comm.rank:
+                self._drop(u)
+        ready = [u for u in mine if u.state.get(self.key("updates"), 0) > 0]
+        due = transform.due(ctx.step)
+        todo = [u for u in ready if due or self.key(f"refreshed.{u.tag}") not in u.state]
+        failed = {id(u) for u, _ in self._refresh(ctx, todo, transform)} if todo else set()
+        live = [u for u in ready if self.key(f"refreshed.{u.tag}") in u.state]
+        if self.spectrum == "eigenbasis":
+            self._update_moments(ctx, rt, live)
+            live = [u for u in live if u.state.get(self.key("moment_updates"), 0) > 0]
+        results = dict(zip(map(id, live), (self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, self._blocks(ctx, live, direction.tensors)))))
+        local = {}
+        for i, (u, o) in enumerate(zip(units, owners)):
+            if o == comm.rank:
+                local[i] = (-1.0, None) if id(u) in failed else (1.0, [results[id(u)]]) if id(u) in results else (0.0, None)
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in direction.tensors])
+        gathered = comm.exchange([(o, [u.dims]) for u, o in zip(units, owners)], local, dtype)
+        for u, (status, _) in zip(units, gathered):
+            if status < 0:
+                raise EighFailureError(self._failure_message(u, self.max_failures))
+        done = [(u, tensors[0]) for u, (_, tensors) in zip(units, gathered) if tensors is not None]
+        out = list(direction.tensors) if direction.owned else [t.clone() for t in direction.tensors]
+        first = [u.where[0] if u.layer is None or u.where[0] is not None else u.where[1] for u, _ in done]
+        self._assemble(ctx, [u for u, _ in done], [y.to(direction.tensors[i].dtype) for (_, y), i in zip(done, first)], out)
         return Direction(out, direction.coef, True)
 
     def _apply_infactor_dtype(self, u: _Unit, x: Tensor, transform: Transform) -> Tensor:
@@ -491,6 +632,8 @@ class Kronecker(Structure):
             moments.append(u.state[key])
             batch.append(new)
             states[id(u.state)] = u.state
+        if self.factors == "layer":
+            ctx.evaluation.mean_(batch)  # EKFAC: per-row moments of this process's batch
         torch._foreach_mul_(moments, self.eigenbasis_beta)
         torch._foreach_add_(moments, batch, alpha=1.0 - self.eigenbasis_beta)
         for state in states.values():
