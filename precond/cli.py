@@ -321,11 +321,26 @@ def train(
     stop_at_target: bool = typer.Option(False, "--stop-at-target", help="stop at the first evaluation that reaches the target"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="train on N processes (torch.distributed, gloo, DistributedDataParallel; each takes 1/N of every batch); under torchrun the processes exist already"),
 ) -> None:
     """Train one recipe on a built-in task: progress, summary, metrics.json, curve.csv, curve.png.
 
     Exit status: 0 ok; 2 invalid recipe, task or option; 3 the run diverged; 4 the optimizer raised; 130 interrupted. Results are written in every case but 2.
     """
+    from precond.launch import launch, launched, process_group
+
+    if nproc > 1 and not launched():
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
+    with process_group() as rank:
+        _train_here(recipe, task, steps, seed, set_, out, lr, short, threads, eval_every, stop_at_target, dtype,
+                    progress and not rank, rank)
+
+
+def _train_here(
+    recipe: str, task: str, steps: Optional[int], seed: int, set_: list[str], out: Optional[str], lr: Optional[float],
+    short: bool, threads: int, eval_every: Optional[int], stop_at_target: bool, dtype: str, progress: bool, rank: Optional[int],
+) -> None:
+    """`precond train` in this process; of several (``rank`` not None) rank 0 reports and writes, the others train."""
     from pathlib import Path
 
     from precond.training import render_table
@@ -349,9 +364,9 @@ def train(
     interrupted = False
     try:
         result = run_train(
-            factory, instance.name, steps=steps, seed=seed, out_dir=out_dir, progress=progress,
+            factory, instance.name, steps=steps, seed=seed, out_dir=None if rank else out_dir, progress=progress,
             eval_every=eval_every, label=factory.label, short=short, dtype=torch_dtype,
-            stop_at_target=stop_at_target, threads=threads, config=config, console=err,
+            stop_at_target=stop_at_target, threads=threads, config=config, console=err, distributed=rank is not None,
         )
     except KeyboardInterrupt:
         interrupted = True
@@ -361,6 +376,8 @@ def train(
     if interrupted:
         err.print(f"[yellow]interrupted[/]; results so far in {escape(str(out_dir))}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
+    if rank:
+        raise typer.Exit(EXIT_DIVERGED if result.status == "diverged" else EXIT_ERROR if result.status == "error" else 0)
     _write_recipe(out_dir / "recipe.yaml", factory.recipe)
 
     con = _console_out()

@@ -313,10 +313,13 @@ class _Run:
         lr_multiplier: float | None = None,
         stop_at_target: bool = False,
         config: Mapping[str, Any] | None = None,
+        distributed: bool = False,
     ):
         self.label = label
         self.seed = int(seed)
         self.task = build_task(task_name, seed=self.seed, dtype=dtype, short=short)
+        if distributed:
+            _distribute(self.task)
         self.steps = int(steps if steps is not None else self.task.default_steps)
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
@@ -513,6 +516,33 @@ class _Run:
 # progress display
 
 
+def _distribute(task: TaskInstance) -> None:
+    """One of several processes: the closure runs the model through DistributedDataParallel and every
+    minibatch is cut into near-equal parts along its first dimension, one per process (equal parts
+    when the batch size divides by the process count; DDP averages the parts with equal weights)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if task.forward is None:
+        raise ValueError(
+            f"task '{task.name}' does not run its closure through TaskInstance.forward, so it cannot train on "
+            "several processes (DistributedDataParallel must wrap the forward pass)"
+        )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    task.forward.module = DistributedDataParallel(task.model)
+    make = task.train_batches
+
+    def part(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.tensor_split(world)[rank]
+        if isinstance(value, (tuple, list)):
+            return type(value)(part(v) for v in value)
+        return value
+
+    task.train_batches = lambda: (part(batch) for batch in make())
+    task.info = {**task.info, "processes": world}
+
+
 class _Progress:
     def __init__(self, enabled: bool, console: Any = None):
         self.enabled = enabled
@@ -591,8 +621,14 @@ def train(
     threads: int | None = None,
     config: Mapping[str, Any] | None = None,
     console: Any = None,
+    distributed: bool = False,
 ) -> RunResult:
     """Train one optimizer on a built-in task and return a :class:`RunResult`.
+
+    ``distributed``: this process is one of several in an initialised
+    ``torch.distributed`` process group; the model trains under
+    ``DistributedDataParallel`` and each process takes its share of every
+    minibatch (``precond train --nproc N``). Losses are this process's.
 
     ``steps``/``eval_every`` default to the task's hints; ``short`` builds the
     task's tiny test-mode variant; ``threads`` sets ``torch.set_num_threads``
@@ -612,6 +648,7 @@ def train(
             dtype=dtype,
             stop_at_target=stop_at_target,
             config=config,
+            distributed=distributed,
         )
         interrupted = False
         with _Progress(progress, console) as bar:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from precond.tasks import digits, logistic, rosenbrock, tiny_lm  # noqa: F401
 from precond.tasks.base import (
     ENTRY_POINT_GROUP,
+    Forward,
     TaskInstance,
     build_task,
     get_task,

@@ -37,6 +37,18 @@ ENTRY_POINT_GROUP = "precond.tasks"
 TaskFactory = Callable[..., "TaskInstance"]
 
 
+class Forward:
+    """What a task's closure calls to run its model: the model itself, or, when ``precond train
+    --nproc`` trains on several processes, its ``DistributedDataParallel`` wrapper (whose forward
+    arms the gradient all-reduce). Evaluations call the model directly."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
 @dataclass
 class TaskInstance:
     """One built task: everything the training runner needs.
@@ -69,6 +81,7 @@ class TaskInstance:
     dtype: torch.dtype = torch.float32
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    forward: Forward | None = None  # what closure() runs the model through (needed on several processes)
 
     def reached(self, value: float) -> bool:
         """Whether a metric value reaches ``target``."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.tasks.base import TaskInstance, epoch_batches, register_task, seeded, split_standardized
+from precond.tasks.base import Forward, TaskInstance, epoch_batches, register_task, seeded, split_standardized
 
 _TEST_FRACTION = 0.25
 
@@ -48,9 +48,11 @@ def digits_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool
         model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(dtype)
     batch_size = 64
 
+    forward = Forward(model)
+
     def closure(batch):
         x, y = batch
-        out = model(x)
+        out = forward(x)
         return F.cross_entropy(out, y), out
 
     @torch.no_grad()
@@ -75,6 +77,7 @@ def digits_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool
         likelihood="categorical",
         train_batches=lambda: epoch_batches((x_train, y_train), batch_size, seed),
         closure=closure,
+        forward=forward,
         evaluate=evaluate,
         metric="test_accuracy",
         higher_is_better=True,
@@ -123,9 +126,11 @@ def digits_autoencoder(*, seed: int = 0, dtype: torch.dtype = torch.float32, sho
         model = DigitsAutoencoder().to(dtype)
     batch_size = 64
 
+    forward = Forward(model)
+
     def closure(batch):
         (x,) = batch
-        out = model(x)
+        out = forward(x)
         return F.mse_loss(out, x), out
 
     @torch.no_grad()
@@ -145,6 +150,7 @@ def digits_autoencoder(*, seed: int = 0, dtype: torch.dtype = torch.float32, sho
         likelihood="gaussian",
         train_batches=lambda: epoch_batches((x_train,), batch_size, seed),
         closure=closure,
+        forward=forward,
         evaluate=evaluate,
         metric="test_mse",
         higher_is_better=False,

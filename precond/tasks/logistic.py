@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.tasks.base import TaskInstance, register_task, seeded, split_standardized
+from precond.tasks.base import Forward, TaskInstance, register_task, seeded, split_standardized
 
 L2 = 1e-2
 
@@ -82,9 +82,11 @@ def logistic(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool =
             loss = loss + 0.5 * l2 * model.weight.pow(2).sum()
         return loss
 
+    forward = Forward(model)
+
     def closure(batch):
         x, y = batch
-        out = model(x)
+        out = forward(x)
         return objective(out, y), out
 
     f_star = optimum(l2)
@@ -112,6 +114,7 @@ def logistic(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool =
         likelihood="categorical",
         train_batches=batches,
         closure=closure,
+        forward=forward,
         evaluate=evaluate,
         metric="test_accuracy",
         higher_is_better=True,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from precond.tasks.base import TaskInstance, register_task
+from precond.tasks.base import Forward, TaskInstance, register_task
 
 START = (-1.5, 2.0)
 
@@ -47,8 +47,10 @@ def rosenbrock(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool
     model = Rosenbrock().to(dtype)  # deterministic: the seed plays no role
     optimum = torch.tensor([1.0, 1.0], dtype=dtype)
 
+    forward = Forward(model)
+
     def closure(batch=None):
-        r = model(batch)
+        r = forward(batch)
         return r.pow(2).sum(), r
 
     @torch.no_grad()
@@ -70,6 +72,7 @@ def rosenbrock(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool
         likelihood=None,
         train_batches=batches,
         closure=closure,
+        forward=forward,
         evaluate=evaluate,
         metric="distance",
         higher_is_better=False,

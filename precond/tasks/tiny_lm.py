@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.tasks.base import TaskInstance, register_task, seeded
+from precond.tasks.base import Forward, TaskInstance, register_task, seeded
 
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 VOCAB_SIZE = len(VOCAB)  # 96
@@ -181,9 +181,11 @@ def tiny_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
     eval_train = _windows(train_data, block_size, 64)
     eval_test = _windows(test_data, block_size, 64)
 
+    forward = Forward(model)
+
     def closure(batch):
         x, y = batch
-        out = model(x)
+        out = forward(x)
         return F.cross_entropy(out.reshape(-1, VOCAB_SIZE), y.reshape(-1)), out
 
     def batches():
@@ -219,6 +221,7 @@ def tiny_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
         likelihood="categorical",
         train_batches=batches,
         closure=closure,
+        forward=forward,
         evaluate=evaluate,
         metric="test_perplexity",
         higher_is_better=False,
