@@ -13,14 +13,46 @@ step) of every optimizer in turn, so machine noise hits all of them alike; per-s
 rounds (refreshes every k steps amortised in) and the median over rounds is printed too. The training
 loss on the whole training set is evaluated between rounds (not timed).
 
+Batch size: ``--batch N`` replaces the problem's default batch; ``--batches 256,1024,4096`` sweeps
+several (each problem at each size, with ``--steps`` either one number or one per batch size, e.g.
+``--steps 60,20,10``). A batch no larger than the training set is drawn from seeded permutations
+(epochs without replacement, as before); a larger one samples the training set *with replacement*
+from a fixed seeded generator: per-step time does not depend on the data, only on the batch size,
+so the sweep measures cost at batch sizes the digits set cannot supply (its losses at such batches
+are just a sanity check).
+
+Each table also prints FLOP lower bounds on the ratio to Adam. Adam's forward and backward cost
+about ``6·B·o·i`` flops per ``o×i`` linear layer (its elementwise update is ignored). A Kronecker
+product of an ``o×i`` gradient with an ``o×o`` and an ``i×i`` factor (two matrix products) costs
+``2·o·i·(o+i)``, so
+
+  bound4 = 1 + Σ 4·o·i·(o+i) / Σ 6·B·o·i   (four products per step: K-FAC's exact damping rotates into
+                                            both eigenbases and back; Shampoo's two statistics G Gᵀ, Gᵀ G
+                                            plus its two-sided preconditioning)
+  bound2 = 1 + Σ 2·o·i·(o+i) / Σ 6·B·o·i   (two products: K-FAC with damping_form factored or
+                                            per_factor and its statistics on an ``every: k`` interval)
+
+and ``bound`` is the recipe's own, read from the built optimizer: its preconditioning products (4
+exact / 2 precomputed), Shampoo's 2 statistics products per curvature step, and K-FAC's factor
+statistics ``A = aᵀa``, ``G = δᵀδ`` (``2·B·(o²+i²)``) plus, for ``sampled_fisher``, the extra
+backward at sampled labels (``2·B·o·i``, the output gradients only), divided by ``curvature.every``.
+Eigendecompositions (every ``transform.every`` steps) are not in the bounds. A goal below ``bound``
+cannot be met by any implementation of that recipe at that batch size (up to the non-matmul part of
+Adam's own step - tanh, loss, its update - which the count leaves out, so a measured ratio can sit a
+little below its bound). With ``--batch`` or ``--batches`` a summary at the end gives, per problem,
+batch and recipe, the measured ratio, the bounds, the verdict against the goal and the smallest batch
+at which the recipe's bound meets the goal.
+
 Run: python bench/kronecker.py [--steps 200] [--chunk 10] [--threads 1] [--problems mlp,ae,wide]
          [--recipes kfac,shampoo,kfac10=kfac] [--set kfac10:curvature.every=10]
+         [--batch N | --batches 256,1024,4096 --steps 100,60,20]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -69,15 +101,67 @@ LR: dict[str, dict[str, float]] = {
 }
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, size: int, steps: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+# Per-step time goals of issue 4 (x Adam): (a), (b) 1.25; (c) 1.5.
+GOAL: dict[str, float] = {"mlp": 1.25, "ae": 1.25, "wide": 1.5}
+
+
+def batch_indices(n: int, size: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """Row indices of each step's minibatch: seeded epochs without replacement when ``size <= n``,
+    otherwise sampled with replacement (timing depends on the batch size only, not on the rows)."""
     g = torch.Generator().manual_seed(seed)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if size > n:
+        return [torch.randint(n, (size,), generator=g) for _ in range(steps)]
+    out: list[torch.Tensor] = []
     while len(out) < steps:
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - size + 1, size):
-            idx = perm[i : i + size]
-            out.append((x[idx], y[idx]))
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - size + 1, size):
+            out.append(perm[i : i + size])
     return out[:steps]
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def product_bound(shapes: list[tuple[int, int]], batch: int, products: float, extra: float = 0.0) -> float:
+    """``1 + (Σ products·o·i·(o+i) + extra) / Σ 6·B·o·i``: ``products`` matrix products per layer and step
+    (the pair ``(o×o)·X`` and ``X·(i×i)`` costs ``2·o·i·(o+i)``), ``extra`` flops on top."""
+    adam = sum(6 * batch * o * i for o, i in shapes)
+    return 1.0 + (sum(products * o * i * (o + i) for o, i in shapes) + extra) / adam
+
+
+def recipe_bound(opt: Any, shapes: list[tuple[int, int]], batch: int) -> float | None:
+    """The FLOP lower bound of a built precond optimizer's Kronecker pipeline (None: not Kronecker)."""
+    pipe = getattr(opt, "pipelines", {}).get("default")
+    structure = getattr(pipe, "structure", None)
+    if structure is None or getattr(structure, "form", None) != "kronecker":
+        return None
+    curvature = pipe.curvature
+    every = max(1, int(getattr(curvature, "every", 1)))
+    eigenbasis = structure.spectrum == "eigenbasis"
+    precond_products = 4 if (structure.damping_form == "exact" or eigenbasis) else 2
+    extra = 0.0
+    if structure.factors == "gradient":
+        stats = 2 + (2 if eigenbasis else 0)  # G Gᵀ and Gᵀ G (SOAP: + rotating G into the eigenbasis)
+        extra = sum(stats * o * i * (o + i) for o, i in shapes) / every
+    else:
+        per_step = sum(2 * batch * (o * o + i * i) for o, i in shapes)  # A = aᵀa, G = δᵀδ
+        if curvature.type == "sampled_fisher":
+            per_step += sum(2 * batch * o * i * getattr(curvature, "samples", 1) for o, i in shapes)
+        extra = per_step / every
+    return product_bound(shapes, batch, precond_products, extra)
+
+
+def min_batch(opt: Any, shapes: list[tuple[int, int]], goal: float) -> float | None:
+    """The smallest batch at which the recipe's bound ``1 + c + P/B`` is at most ``goal``.
+
+    ``inf``: never (the batch-independent part ``c``, K-FAC's statistics, is too large); None: no bound."""
+    b1, b2 = recipe_bound(opt, shapes, 1024), recipe_bound(opt, shapes, 2048)
+    if b1 is None or b2 is None:
+        return None
+    per_batch = 2 * (b1 - b2) * 1024  # P
+    floor = b1 - 1 - per_batch / 1024  # c: the batch-independent part (K-FAC's factor statistics)
+    return float("inf") if floor >= goal - 1 else per_batch / (goal - 1 - floor)
 
 
 def make_closure(name: str, model: nn.Module, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], ae: bool) -> Callable[[], Any]:
@@ -109,11 +193,15 @@ def full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ae: bool) -> f
         return float(F.mse_loss(out, x) if ae else F.cross_entropy(out, y))
 
 
-def run_problem(key: str, recipes: list[str], steps: int, chunk: int, sets: dict[str, dict[str, Any]]) -> None:
+def run_problem(
+    key: str, recipes: list[str], steps: int, chunk: int, sets: dict[str, dict[str, Any]], batch: int | None = None
+) -> list[dict[str, Any]]:
     spec = PROBLEMS[key]
+    size = batch or spec["batch"]
     x, y = data(spec["ae"])
     torch.manual_seed(0)
     base = mlp(spec["dims"], linear_at=(len(spec["dims"]) // 2 - 1,) if spec["ae"] else ())
+    shapes = linear_shapes(base)
     likelihood = "gaussian" if spec["ae"] else "categorical"
     runs: dict[str, tuple[nn.Module, Any]] = {}
     for spec_name in ["adam", *recipes]:
@@ -128,29 +216,72 @@ def run_problem(key: str, recipes: list[str], steps: int, chunk: int, sets: dict
         else:
             opt = precond.build(name, model, likelihood=likelihood, set=dotted or None, **hyper)
         runs[label] = (model, opt)
-    seq = batches(x, y, spec["batch"], steps)
+    seq = batch_indices(len(x), size, steps)
     times: dict[str, list[float]] = {k: [] for k in runs}
     curves: dict[str, list[float]] = {k: [full_loss(m, x, y, spec["ae"])] for k, (m, _) in runs.items()}
     for start in range(0, steps, chunk):
+        chunk_batches = [(x[idx], y[idx]) for idx in seq[start : start + chunk]]
         for name, (model, opt) in runs.items():
-            closures = [make_closure("adam" if name == "adam" else "precond", model, opt, b, spec["ae"]) for b in seq[start : start + chunk]]
+            kind = "adam" if name == "adam" else "precond"
+            closures = [make_closure(kind, model, opt, b, spec["ae"]) for b in chunk_batches]
             t0 = time.perf_counter()
             for c in closures:
                 opt.step(c)
             times[name].append((time.perf_counter() - t0) / len(closures))
             curves[name].append(full_loss(model, x, y, spec["ae"]))
-    print(f"\n{spec['title']}; {steps} steps, {len(times['adam'])} interleaved rounds of {chunk} steps")
+        del chunk_batches
+    title = spec["title"].replace(f"batch {spec['batch']}", f"batch {size}")
+    if size > len(x):
+        title += f" (sampled with replacement from {len(x)} examples)"
+    print(f"\n{title}; {steps} steps, {len(times['adam'])} interleaved rounds of {chunk} steps")
     adam_mean = statistics.mean(times["adam"])
     adam_med = statistics.median(times["adam"])
     target = curves["adam"][-1]
-    print(f"  {'optimizer':<18}{'ms/step':>9}{'x Adam':>8}{'median':>9}{'x Adam':>8}{'train loss':>12}{'steps to Adam final':>21}")
-    for name in runs:
+    b4, b2 = product_bound(shapes, size, 4), product_bound(shapes, size, 2)
+    print(f"  FLOP bounds (x Adam): 4 products {b4:.2f}, 2 products {b2:.2f}; goal {GOAL[key]:.2f}")
+    print(
+        f"  {'optimizer':<18}{'ms/step':>9}{'x Adam':>8}{'median':>9}{'x Adam':>8}{'bound':>7}"
+        f"{'train loss':>12}{'steps to Adam final':>21}"
+    )
+    rows: list[dict[str, Any]] = []
+    for name, (_, opt) in runs.items():
         mean, med = statistics.mean(times[name]) * 1e3, statistics.median(times[name]) * 1e3
         reach = next((i * chunk for i, v in enumerate(curves[name]) if v <= target), None)
+        bound = 1.0 if name == "adam" else recipe_bound(opt, shapes, size)
+        ratio = mean / (adam_mean * 1e3)
         print(
-            f"  {name:<18}{mean:>9.2f}{mean / (adam_mean * 1e3):>8.2f}{med:>9.2f}{med / (adam_med * 1e3):>8.2f}"
+            f"  {name:<18}{mean:>9.2f}{ratio:>8.2f}{med:>9.2f}{med / (adam_med * 1e3):>8.2f}"
+            f"{('-' if bound is None else f'{bound:.2f}'):>7}"
             f"{curves[name][-1]:>12.4f}{('-' if reach is None else str(reach)):>21}"
         )
+        rows.append({"problem": key, "batch": size, "recipe": name, "ms": mean, "ratio": ratio, "bound": bound,
+                     "bound4": b4, "bound2": b2, "loss": curves[name][-1], "reach": reach, "steps": steps,
+                     "min_batch": None if name == "adam" else min_batch(opt, shapes, GOAL[key])})
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> None:
+    """One line per problem, batch size and recipe: measured ratio against its bound and the goal."""
+    print("\nsummary (x Adam per step: measured, the recipe's FLOP bound, the generic 4- and 2-product bounds)")
+    print(f"  {'problem':<8}{'batch':>7}  {'recipe':<18}{'x Adam':>8}{'bound':>7}{'4-prod':>8}{'2-prod':>8}"
+          f"{'goal':>6}  "
+          f"{'verdict':<27}{'bound<=goal from batch':>23}{'train loss':>12}")
+    for r in rows:
+        if r["recipe"] == "adam":
+            continue
+        goal = GOAL[r["problem"]]
+        bound = r["bound"]
+        if r["ratio"] <= goal:
+            verdict = "met"
+        elif bound is not None and bound > goal:
+            verdict = "impossible (bound > goal)"
+        else:
+            verdict = "not met (bound allows)"
+        low = r["min_batch"]
+        low_text = "-" if low is None else ("never" if low == float("inf") else str(math.ceil(low)))
+        print(f"  {r['problem']:<8}{r['batch']:>7}  {r['recipe']:<18}{r['ratio']:>8.2f}"
+              f"{('-' if bound is None else f'{bound:.2f}'):>7}{r['bound4']:>8.2f}{r['bound2']:>8.2f}{goal:>6.2f}  "
+              f"{verdict:<27}{low_text:>23}{r['loss']:>12.4f}")
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -166,19 +297,37 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", default="200",
+                    help="steps per run; with --batches, one number or one per batch size (e.g. 60,20,10)")
     ap.add_argument("--chunk", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable when other work shares the cores)")
     ap.add_argument("--problems", default="mlp,ae,wide")
     ap.add_argument("--recipes", default="kfac,shampoo,shampoo_grafted,soap",
                     help="recipe names, or label=recipe for a variant configured with --set label:key=value")
     ap.add_argument("--set", action="append", default=[], help="label:key=value, e.g. kfac:lr=0.01 or kfac:transform.0.every=20")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size for every problem (default: each problem's own)")
+    ap.add_argument("--batches", default=None,
+                    help="comma-separated batch sizes to sweep for every problem "
+                         "(larger than the training set: sampled with replacement)")
     args = ap.parse_args()
+    if args.batch is not None and args.batches is not None:
+        ap.error("give --batch or --batches, not both")
+    sizes: list[int | None] = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
+    steps = [int(s) for s in str(args.steps).split(",")]
+    if len(steps) == 1:
+        steps = steps * len(sizes)
+    if len(steps) != len(sizes):
+        ap.error(f"--steps: give one number or one per batch size ({len(sizes)})")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     sets = parse_sets(args.set)
+    rows: list[dict[str, Any]] = []
     for key in args.problems.split(","):
-        run_problem(key, [r for r in args.recipes.split(",") if r], args.steps, args.chunk, sets)
+        for size, n in zip(sizes, steps):
+            rows += run_problem(key, [r for r in args.recipes.split(",") if r], n, args.chunk, sets, size)
+    if args.batch is not None or args.batches is not None:
+        summary(rows)
 
 
 if __name__ == "__main__":
