@@ -160,12 +160,19 @@ class Optimizer(torch.optim.Optimizer):
         self.comm = Comm(recipe.distributed.mode)  # type: ignore[attr-defined]
         self._refuse_distributed_problems()
         self._ranks_checked = False
+        self._index: dict[torch.Tensor, int] | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.global_step = 0
         self.guard = Guard(recipe.on_nonfinite, recipe.max_nonfinite)
         self._blocks = self._all_blocks()
         for block in self._blocks:
             block.setup(self)
+
+    def index_of(self, param: torch.Tensor) -> int:
+        """The parameter's position over all param groups: a stable name (e.g. for block owners)."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return self._index[param]
 
     def pipeline_params(self, pipeline: Pipeline) -> list[torch.Tensor]:
         """The parameters whose param group runs ``pipeline``."""

@@ -145,6 +145,7 @@ GLOBAL_BATCH = 16
 # - SOAP: a factor with repeated eigenvalues (G Gᵀ of few gradients, from 0) has no unique eigenbasis, round-off
 #   picks one, and Adam in the eigenbasis depends on the choice: no tolerance against one process; its
 #   sharded run is compared with its replicated run instead (test_sharded_equals_replicated).
+NG = {"structure.scope": "layer", "transform.0.every": 5, "transform.0.damping": 1.0, "lr": 0.3}
 CASES: dict[str, tuple[str, dict | None, str, torch.dtype, float | None]] = {
     "adam": ("adam", None, "replicated", torch.float32, 1e-6),
     "kfac": ("kfac", None, "replicated", torch.float32, 1e-6),
@@ -157,9 +158,12 @@ CASES: dict[str, tuple[str, dict | None, str, torch.dtype, float | None]] = {
     "adahessian": ("adahessian", None, "replicated", torch.float64, 1e-10),
     "ekfac": ("ekfac", None, "replicated", torch.float64, 1e-6),
     "soap": ("soap", None, "replicated", torch.float32, None),
+    # full blocks, one per layer, eigendecompositions kept for 5 steps: owners solve and refresh
+    "natural_gradient": ("natural_gradient", NG, "replicated", torch.float64, 1e-9),
+    "natural_gradient/sharded": ("natural_gradient", NG, "sharded", torch.float64, 1e-9),
     "soap/sharded": ("soap", None, "sharded", torch.float32, None),
 }
-RESUME = ("kfac", "kfac/sharded", "shampoo64/sharded")  # checkpoint at 2 processes, resume at 1 and 4
+RESUME = ("kfac", "kfac/sharded", "shampoo64/sharded", "natural_gradient", "natural_gradient/sharded")  # checkpoint at 2 processes, resume at 1 and 4
 
 
 def _model(label: str = "adam") -> nn.Module:
@@ -314,7 +318,7 @@ def test_a_checkpoint_from_two_processes_resumes_on_one_and_on_four(two: tuple[P
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("recipe", ["kfac", "shampoo", "soap"])
+@pytest.mark.parametrize("recipe", ["kfac", "shampoo", "soap", "natural_gradient"])
 def test_sharded_equals_replicated(request: pytest.FixtureRequest, world: int, recipe: str) -> None:
     """The memory-saving mode computes the same numbers on the owners: it changes where, not what."""
     ranks = request.getfixturevalue("two")[1] if world == 2 else request.getfixturevalue("four")

@@ -122,7 +122,7 @@ class DenseOperator:
                     "the eigendecomposition of the full curvature matrix failed (it holds NaN/Inf): "
                     "check the loss and the learning rate, or add damping"
                 )
-            self._eig = (res.eigenvalues, res.eigenvectors)
+            self._eig = (res.eigenvalues, res.eigenvectors.contiguous())  # one layout, however computed or received
         return self._eig
 
     def function(self, fn: Callable[[torch.Tensor], torch.Tensor], vector: torch.Tensor) -> torch.Tensor:
@@ -247,6 +247,11 @@ class Full(Structure):
         for pipe, group in groups_of(optimizer, self, "structure"):
             params = [p for p in group["params"] if p.requires_grad]
             curvature = pipe.curvature
+            if optimizer.comm.sharded and callable(getattr(curvature, "full_update", None)):
+                raise PipelineError(
+                    f"curvature '{curvature.name}' refines the full matrix from its previous value on every process; "
+                    "distributed.mode: sharded keeps a block's matrix on its owner only: use distributed.mode: replicated"
+                )
             if self.solver == "cg":
                 if not callable(getattr(curvature, "matvec", None)):
                     raise PipelineError(
@@ -291,9 +296,17 @@ class Full(Structure):
         fresh = self.estimates(ctx, curvature)
         k_matrix, k_inverse, k_updates = self.key("matrix"), self.key("inverse"), self.key("updates")
         refine = getattr(curvature, "full_update", None)
-        for b, idx in enumerate(self.blocks(ctx)):
+        blocks = self.blocks(ctx)
+        comm = ctx.optimizer.comm
+        owners = self._owners(ctx, blocks) if comm.sharded else [comm.rank] * len(blocks)
+        for b, idx in enumerate(blocks):
             sub = sub_step(ctx, idx)
             st = sub.states[0]
+            if owners[b] != comm.rank:  # sharded: the owner alone keeps the block's matrix
+                for key in (k_matrix, self.key("eigenvalues"), self.key("eigenvectors")):
+                    st.pop(key, None)
+                st[k_updates] = st.get(k_updates, 0) + 1
+                continue
             old = st.get(k_matrix)
             n = sum(p.numel() for p in sub.params)
             if old is not None and old.shape[0] != n:
@@ -347,26 +360,63 @@ class Full(Structure):
             eig = (st[k_vals], st[k_vecs])
         return DenseOperator(matrix, st[self.key("inverse")], self.method, eig)
 
+    def _owners(self, ctx: GroupStep, blocks: list[list[int]]) -> list[int]:
+        """Each block's owner process (cost ``n³``, :func:`precond.distributed.assign_named`)."""
+        comm = ctx.optimizer.comm
+        sizes = [sum(ctx.params[i].numel() for i in idx) for idx in blocks]
+        costs = [(f"full:{ctx.optimizer.index_of(ctx.params[idx[0]])}", float(n) ** 3) for idx, n in zip(blocks, sizes)]
+        return comm.owners(costs)
+
+    def _refreshes_eig(self, st: dict[str, Any], transform: Transform, step: int) -> bool:
+        """Whether this step's solve recomputes the kept eigendecomposition (the same on every process)."""
+        amortised = transform.every != 1 or transform.start != 1
+        return amortised and st.get(self.key("matrix")) is not None and (transform.due(step) or self.key("eigenvalues") not in st)
+
+    def _solve(self, sub: GroupStep, transform: Transform, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``x = f(C) v`` and the quadratic ``(vᵀx, xᵀ(scale·C + λI)x)``; None before any estimate."""
+        op = self.operator(sub, transform)
+        if op is None:
+            return None
+        x = transform.full(sub, op, v)  # type: ignore[attr-defined]
+        quad = getattr(op, "quadratic", None)
+        if quad is None:  # exact solves: xᵀ(scale·C + λI)x = vᵀx
+            quad = (float(v @ x),) * 2
+        return x, torch.tensor(quad, dtype=torch.float64)
+
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
+        """Per block ``x = f(C) v``. On several processes each block's owner solves (and refreshes the
+        eigendecomposition) and one all-gather hands every process every block's ``x`` (in replicated
+        mode also a refreshed eigendecomposition, so every process keeps the same state)."""
         if direction.denominator is not None:
             direction = direction.materialize()
+        comm = ctx.optimizer.comm
+        blocks = self.blocks(ctx)
+        owners = self._owners(ctx, blocks) if comm.active else [comm.rank] * len(blocks)
+        items, local, travels = [], {}, []
+        for b, idx in enumerate(blocks):
+            sub = sub_step(ctx, idx)
+            n = sum(p.numel() for p in sub.params)
+            travels.append(comm.active and not comm.sharded and self._refreshes_eig(sub.states[0], transform, ctx.step))
+            items.append((owners[b], [(n,), (2,)] + ([(n,), (n, n)] if travels[b] else [])))
+            if owners[b] == comm.rank:
+                solved = self._solve(sub, transform, flat([direction.tensors[i] for i in idx]))
+                eig = [sub.states[0][self.key("eigenvalues")], sub.states[0][self.key("eigenvectors")]] if travels[b] and solved else []
+                local[b] = (1.0, [*solved, *eig]) if solved is not None else (0.0, None)
+        results = comm.exchange(items, local, torch.float64) if comm.active else [local[b] for b in range(len(blocks))]
         out: list[torch.Tensor] = list(direction.tensors)
         gd, dad, known = 0.0, 0.0, True
-        for idx in self.blocks(ctx):
-            sub = sub_step(ctx, idx)
-            op = self.operator(sub, transform)
-            if op is None:  # no estimate yet (the curvature starts later): leave the direction as it is
+        for b, (idx, (_, tensors)) in enumerate(zip(blocks, results)):
+            if tensors is None:  # no estimate yet (the curvature starts later): leave the direction as it is
                 known = False
                 continue
-            v = flat([direction.tensors[i] for i in idx])
-            x = transform.full(sub, op, v)  # type: ignore[attr-defined]
-            for i, t in zip(idx, unflat(x, [ctx.params[i] for i in idx])):
+            params = [ctx.params[i] for i in idx]
+            st = ctx.states[idx[0]]
+            if travels[b]:
+                like = st[self.key("matrix")]
+                st[self.key("eigenvalues")], st[self.key("eigenvectors")] = (t.to(like.dtype) for t in tensors[2:4])
+            for i, t in zip(idx, unflat(tensors[0].to(params[0].dtype), params)):
                 out[i] = t
-            quad = getattr(op, "quadratic", None)
-            if quad is None:  # exact solves: xᵀ(scale·C + λI)x = vᵀx
-                g = float(v @ x)
-                quad = (g, g)
-            gd, dad = gd + quad[0], dad + quad[1]
+            gd, dad = gd + float(tensors[1][0]), dad + float(tensors[1][1])
         if known and transform.name == "inverse":
             ctx.extra[QUADRATIC] = (gd, dad)
         return Direction(out, direction.coef, True)
