@@ -138,8 +138,8 @@ GLOBAL_BATCH = 16
 # label: (recipe, set, distributed mode, model dtype, tolerance against 1 process on the global batch).
 # DDP's all-reduce sums in another order than one process's batch mean: the processes see gradients that
 # differ from one process's by round-off (~1e-7 relative in float32), and some methods amplify it:
-# - Shampoo's float32 eigendecompositions of factors summed from 1e-4*I: ~1e-5 after 20 steps; with the
-#   eigendecompositions in float64 (parameters, gradients, factors float32) < 1e-6 ("shampoo64").
+# - Shampoo's float32 eigendecompositions of factors summed from 1e-4*I: on this model 4.5e-7 after 20 steps
+#   (on a 6-12-4 MLP 6e-6); with the eigendecompositions in float64 1e-7 ("shampoo64").
 # - AdaHessian (|Hz| / sqrt(EMA) + 1e-4) and EKFAC (rotated moments + 1e-3) in float32: 1e-4 and O(1) after
 #   20 steps, also in one process under a 1e-7 perturbation; in float64 they agree to 1e-12 and 1e-7.
 # - SOAP: a factor with repeated eigenvalues (G Gᵀ of few gradients, from 0) has no unique eigenbasis, round-off
@@ -152,8 +152,8 @@ CASES: dict[str, tuple[str, dict | None, str, torch.dtype, float | None]] = {
     "kfac/sharded": ("kfac", None, "sharded", torch.float32, 1e-6),
     "shampoo64": ("shampoo", {"structure.float64": True}, "replicated", torch.float32, 1e-6),
     "shampoo64/sharded": ("shampoo", {"structure.float64": True}, "sharded", torch.float32, 1e-6),
-    "shampoo": ("shampoo", None, "replicated", torch.float32, 3e-5),
-    "shampoo/sharded": ("shampoo", None, "sharded", torch.float32, 3e-5),
+    "shampoo": ("shampoo", None, "replicated", torch.float32, 1e-6),
+    "shampoo/sharded": ("shampoo", None, "sharded", torch.float32, 1e-6),
     "sophia_g": ("sophia_g", None, "replicated", torch.float32, 1e-6),
     "adahessian": ("adahessian", None, "replicated", torch.float64, 1e-10),
     "ekfac": ("ekfac", None, "replicated", torch.float64, 1e-6),
