@@ -193,15 +193,16 @@ class Comm:
     nothing: :meth:`mean_` returns at once, every block is owned by rank 0 and
     :meth:`exchange` hands back what this rank computed. ``mode`` is the
     recipe's ``distributed.mode``: ``replicated`` (every rank keeps every
-    block; owners compute the eigendecompositions and all ranks receive them)
-    or ``sharded`` (owners alone keep a block's state and compute its
-    preconditioned update; all ranks receive the updates). ``traffic`` counts
+    block; owners compute the eigendecompositions and all ranks receive them),
+    ``sharded`` (owners alone keep a block's state and compute its
+    preconditioned update; all ranks receive the updates) or ``off`` (act as
+    one process whatever the process group). ``traffic`` counts
     the bytes each rank receives, by collective, for the benchmark.
     """
 
     def __init__(self, mode: str = "replicated", group: object = None) -> None:
         d = torch.distributed
-        on = d.is_available() and d.is_initialized()
+        on = mode != "off" and d.is_available() and d.is_initialized()
         self.group = group
         self.world = d.get_world_size(group) if on else 1
         self.rank = d.get_rank(group) if on else 0

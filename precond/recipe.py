@@ -39,11 +39,12 @@ class Distributed(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["replicated", "sharded"] = Field(
+    mode: Literal["replicated", "sharded", "off"] = Field(
         "replicated",
         description="replicated: every rank keeps every preconditioner block, the block's owner computes its "
         "eigendecompositions and all ranks receive them; sharded (memory-saving): the owner alone keeps a block's "
-        "statistics and computes its preconditioned update, which all ranks receive every step",
+        "statistics and computes its preconditioned update, which all ranks receive every step; off: ignore the "
+        "process group (independent optimizers, e.g. an ensemble with one model per process)",
     )
 
 

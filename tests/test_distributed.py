@@ -374,3 +374,6 @@ def test_recipes_that_would_drift_are_refused(monkeypatch: pytest.MonkeyPatch) -
         precond.build(name, model, likelihood="categorical")
     with pytest.raises(PipelineError, match="distributed.mode: replicated"):
         precond.build("ekfac", model, likelihood="categorical", distributed="sharded")
+    # mode off: independent optimizers, one per process (nothing refused, nothing averaged)
+    opt = precond.build("lbfgs", model, distributed="off")
+    assert not opt.comm.active and opt.comm.world == 1
