@@ -56,6 +56,20 @@ def first_nonfinite(
     return int(bad.nonzero()[0, 0])
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite: one sum per tensor and one sync.
+
+    NaN/Inf propagate into a sum, so a finite sum proves its tensor finite at the cost of one fast
+    reduction (``isfinite(t).all()`` is several times slower on CPU, worse on transposed layouts).
+    A non-finite sum is settled exactly: only then may the sum itself have overflowed.
+    """
+    if not tensors:
+        return True
+    if bool(torch.isfinite(_stack([t.sum() for t in tensors])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 @dataclass
 class Guard:
     policy: str = "skip"

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from precond.errors import PrecondError
+from precond.guard import all_finite
 
 __all__ = [
     "EighResult",
@@ -81,7 +82,7 @@ def _try_eigh(mat: Tensor) -> tuple[Tensor, Tensor] | None:
         vals, vecs = torch.linalg.eigh(mat)
     except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
         return None
-    if not (torch.isfinite(vals).all() and torch.isfinite(vecs).all()):
+    if not all_finite([vals, vecs]):
         return None
     return vals, vecs
 
@@ -103,7 +104,7 @@ def robust_eigh(mat: Tensor, *, float64_retry: bool = True) -> EighResult | None
     """
     if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2]:
         raise ValueError(f"robust_eigh expects (..., n, n) matrices, got shape {tuple(mat.shape)}")
-    if not torch.isfinite(mat).all():
+    if not all_finite([mat]):
         return None
     out_dtype = mat.dtype
     work = symmetrize(mat.to(_working_dtype(out_dtype)))
