@@ -63,19 +63,19 @@ class Layer:
     module: nn.Module
     weight: Tensor | None
     bias: Tensor | None
+    # sizes, fixed at construction (read several times per step)
+    d_out: int = field(init=False)
+    d_in: int = field(init=False)  # input-factor size: the flattened weight row, plus 1 with a bias
+    row: int = field(init=False)  # the flattened weight row's length
+
+    def __post_init__(self) -> None:
+        self.d_out = self.module.weight.shape[0]
+        self.row = self.module.weight[0].numel()
+        self.d_in = self.row + (1 if self.bias is not None else 0)
 
     @property
     def params(self) -> list[Tensor]:
         return [p for p in (self.weight, self.bias) if p is not None]
-
-    @property
-    def d_out(self) -> int:
-        return self.module.weight.shape[0]
-
-    @property
-    def d_in(self) -> int:
-        """Input-factor size: the flattened weight row, plus 1 with a bias."""
-        return self.module.weight[0].numel() + (1 if self.bias is not None else 0)
 
     # --- rows ---------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class Layer:
     def from_matrix(self, v: Tensor) -> tuple[Tensor | None, Tensor | None]:
         w = b = None
         if self.weight is not None:
-            w = v[:, : self.module.weight[0].numel()].reshape(self.weight.shape)
+            w = v[:, : self.row].reshape(self.weight.shape)
         if self.bias is not None:
             b = v[:, -1].reshape(self.bias.shape)
         return w, b
@@ -145,8 +145,8 @@ def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> 
 
     ``info`` is :attr:`precond.optimizer.Optimizer.param_info`.
     """
-    out: dict[Tensor, Layer] = {}
-    layers: dict[int, Layer] = {}
+    members: list[tuple[Tensor, int]] = []  # each parameter and its module's id
+    roles: dict[int, tuple[Any, dict[str, Tensor]]] = {}  # module id -> (its info, {role: parameter})
     problems = []
     for p in params:
         meta = info.get(p)
@@ -159,11 +159,8 @@ def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> 
         if reason is not None:
             problems.append((meta.name, type(meta.module).__name__, reason))
             continue
-        layer = layers.get(id(meta.module))
-        if layer is None:
-            layer = layers[id(meta.module)] = Layer(meta.module_name, meta.module, None, None)
-        setattr(layer, meta.role, p)
-        out[p] = layer
+        roles.setdefault(id(meta.module), (meta, {}))[1][meta.role] = p
+        members.append((p, id(meta.module)))
     if problems:
         # whole module types can be routed by type; supported types in an unsupported configuration
         # (grouped convolutions) and unknown owners by parameter name
@@ -175,7 +172,9 @@ def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> 
         more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
         hint = f"route them to another recipe with a rule, e.g. rules: [{{name: fallback, match: {{{match}}}, recipe: adam}}]"
         raise PipelineError(f"{who} has Kronecker factors only for Linear and Conv2d layers; it cannot cover {lines}{more}: {hint}")
-    return out
+    # built once every role is known: a Layer's sizes depend on whether it has a bias
+    layers = {m: Layer(meta.module_name, meta.module, r.get("weight"), r.get("bias")) for m, (meta, r) in roles.items()}
+    return {p: layers[m] for p, m in members}
 
 
 # --- recording ------------------------------------------------------------------------------
@@ -323,7 +322,8 @@ def layer_rows(layer: Layer, record: Record, grads: list[Tensor]) -> tuple[Tenso
 def layer_factors(a_rows: Tensor, g_rows: Tensor, weight: float) -> tuple[Tensor, Tensor]:
     """One batch's ``A = (1/R) Σ a aᵀ`` and ``G = w Σ_k Σ_r g gᵀ`` from :func:`layer_rows`."""
     flat = g_rows.reshape(-1, g_rows.shape[-1])
-    return a_rows.T @ a_rows / a_rows.shape[0], (flat.T @ flat) * weight
+    # scaled in place: the products are new tensors, a second pass would allocate another
+    return (a_rows.T @ a_rows).div_(a_rows.shape[0]), (flat.T @ flat).mul_(weight)
 
 
 def sample_count(outputs: Any, who: str) -> int:

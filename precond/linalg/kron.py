@@ -367,13 +367,17 @@ def split_into_blocks(tensor: Tensor, partition: BlockPartition) -> list[Tensor]
 
 
 def reassemble_blocks(blocks: Sequence[Tensor], partition: BlockPartition) -> Tensor:
-    """Inverse of :func:`split_into_blocks`: a tensor of ``partition.shape``."""
+    """Inverse of :func:`split_into_blocks`: a tensor of ``partition.shape``.
+
+    A dimension in one piece is not copied: a single block comes back as a view of itself.
+    """
     if len(blocks) != partition.num_blocks:
         raise ValueError(f"expected {partition.num_blocks} blocks, got {len(blocks)}")
     parts = list(blocks)
     for dim in range(len(partition.splits) - 1, -1, -1):
         n = len(partition.splits[dim])
-        parts = [torch.cat(parts[j : j + n], dim=dim) for j in range(0, len(parts), n)]
+        if n > 1:
+            parts = [torch.cat(parts[j : j + n], dim=dim) for j in range(0, len(parts), n)]
     return parts[0].reshape(partition.shape)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from precond.block import Direction, GroupStep
@@ -43,7 +44,8 @@ class KLClip(LR):
             directions[i] = d
             rate = self.rate(ctx)
             rates = rate if isinstance(rate, list) else [rate] * len(ctx.params)
-            total += sum(r * r * float((v * g).sum()) for r, v, g in zip(rates, d.tensors, ctx.grads))
+            dots = torch.stack([(v * g).sum() for v, g in zip(d.tensors, ctx.grads)]).tolist()  # one sync, not one per tensor
+            total += sum(r * r * dot for r, dot in zip(rates, dots))
         nu = float(kl_clip_scale(total, 1.0, self.max_kl))
         ctxs[chosen[0]].states[0][self.key("kl_scale")] = nu
         return [d.scaled(nu) if i in chosen else d for i, d in enumerate(directions)]
