@@ -30,6 +30,7 @@ from torch import Tensor
 
 from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
 from precond.errors import PipelineError
+from precond.guard import all_finite
 from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_factors, layer_rows, warn_silent
 from precond.linalg.kron import BlockPartition, block_partition, mode_products, reassemble_blocks, shampoo_statistics, split_into_blocks
 from precond.linalg.spectral import EighFailureError, EighResult, matrix_function, robust_eigh
@@ -49,6 +50,29 @@ class _Runtime:
     rows: dict[Layer, tuple[Tensor, Tensor, float]] = field(default_factory=dict)  # eigenbasis (EKFAC): this step's rows
     owners: dict[tuple[int, ...], dict[str, int]] = field(default_factory=dict)  # per param group: block name -> rank
     index: dict[Tensor, int] = field(default_factory=dict)  # each parameter's position in the optimizer
+    units: dict[tuple[int, ...], list[_Unit]] = field(default_factory=dict)  # per list of parameters (by id): its blocks
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """A block's state keys, formatted once: rebuilding the strings on every access cost a small model's step dearly."""
+
+    factor: tuple[str, ...]  # one per dimension
+    basis: tuple[str, ...]
+    root: tuple[str, ...]
+    scale: str
+    moment: str
+    refreshed: str
+    failures: str
+    # per parameter, shared by the blocks cut from it
+    updates: str
+    updated_at: str
+    moment_updates: str
+    failures_total: str
+
+    def own(self) -> list[str]:
+        """Every key that holds this block's own tensors (dropped by processes that do not own it)."""
+        return [*self.factor, *self.basis, *self.root, self.scale, self.moment, self.refreshed, self.failures]
 
 
 @dataclass(eq=False)
@@ -58,13 +82,14 @@ class _Unit:
     Under torch.distributed each unit has one owner (:meth:`Kronecker._owners`).
     """
 
-    state: dict[str, Any]
-    tag: str  # the block's index within ``state``
+    holder: Tensor  # the parameter whose state holds the block (gradient factors: the one it is cut from)
+    tag: str  # the block's index within the holder's state
     dims: tuple[int, ...]  # the block's shape: one factor per dimension
     share: int  # C = (⊗ factors)^(1/share)
+    keys: _Keys
     layer: Layer | None = None
     where: tuple[Any, ...] = ()  # layer: (weight index, bias index) in ctx.params; gradient: (param index, block index)
-    param: Tensor | None = None  # gradient factors: the parameter the block is cut from
+    state: dict[str, Any] = field(default_factory=dict)  # the holder's state, bound by Kronecker._units on every call
 
 
 @lru_cache(maxsize=1024)
@@ -216,35 +241,59 @@ class Kronecker(Structure):
     # --- units ------------------------------------------------------------------------------
 
     def _units(self, ctx: GroupStep, rt: _Runtime, params: list[Tensor] | None = None) -> list[_Unit]:
-        """The blocks of ``ctx.params`` (or of ``params``, for the ownership table: positions then unused)."""
-        units: list[_Unit] = []
+        """The blocks of ``ctx.params`` (or of ``params``, for the ownership table), bound to their state dicts.
+
+        The blocks depend only on which parameters are present, so they are made once per such list; the
+        state dicts are looked up on every call, since ``load_state_dict`` replaces them.
+        """
         params = ctx.params if params is None else params
+        key = tuple(map(id, params))  # the units hold every parameter: an id is not reused while cached
+        units = rt.units.get(key)
+        if units is None:
+            units = rt.units[key] = self._make_units(rt, params)
+        state = ctx.optimizer.state
+        for u in units:
+            u.state = state[u.holder]
+        return units
+
+    def _make_units(self, rt: _Runtime, params: list[Tensor]) -> list[_Unit]:
+        """The blocks of ``params``, with their positions in that list."""
         if self.factors == "gradient":
+            units: list[_Unit] = []
             for i, p in enumerate(params):
-                state = ctx.optimizer.state[p]
                 part = _partition(tuple(p.shape), self.max_dim, self.merge_dims)
                 for b, dims in enumerate(part.block_shapes):
-                    units.append(_Unit(state, str(b), dims, len(dims), None, (i, b), p))
+                    units.append(_Unit(p, str(b), dims, len(dims), self._keys(str(b), len(dims)), None, (i, b)))
             return units
-        pos = {p: i for i, p in enumerate(ctx.params)}
-        seen: set[int] = set()
+        pos = {p: i for i, p in enumerate(params)}
+        layers: dict[Layer, None] = {}
         for p in params:
             layer = rt.layers.get(p)
             if layer is None:
                 raise PipelineError("a parameter was added to the optimizer after it was built; Kronecker factors know only the layers seen at build time")
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            state = ctx.optimizer.state[layer.params[0]]
-            units.append(_Unit(state, "0", (layer.d_out, layer.d_in), 1, layer, (pos.get(layer.weight), pos.get(layer.bias))))
-        return units
+            layers[layer] = None
+        keys = self._keys("0", 2)
+        return [
+            _Unit(layer.params[0], "0", (layer.d_out, layer.d_in), 1, keys, layer, (pos.get(layer.weight), pos.get(layer.bias)))
+            for layer in layers
+        ]
+
+    def _keys(self, tag: str, k: int) -> _Keys:
+        def per_factor(what: str) -> tuple[str, ...]:
+            return tuple(self.key(f"{what}.{tag}.{j}") for j in range(k))
+
+        return _Keys(
+            per_factor("factor"), per_factor("basis"), per_factor("root"),
+            *(self.key(f"{what}.{tag}") for what in ("scale", "moment", "refreshed", "failures")),
+            *(self.key(what) for what in ("updates", "updated_at", "moment_updates", "failures_total")),
+        )
 
     # --- several processes: who owns which block ---------------------------------------------
 
     def _name(self, rt: _Runtime, u: _Unit) -> str:
         if u.layer is not None:
             return f"layer:{u.layer.name}"
-        return f"{rt.index[u.param]}#{u.tag}"
+        return f"{rt.index[u.holder]}#{u.tag}"
 
     def _owners(self, ctx: GroupStep, rt: _Runtime, units: list[_Unit]) -> list[int]:
         """Each unit's owner: :func:`precond.distributed.assign_named` over every block of the param
@@ -260,14 +309,8 @@ class Kronecker(Structure):
         table = rt.owners[key]
         return [table[self._name(rt, u)] for u in units]
 
-    def _unit_keys(self, u: _Unit) -> list[str]:
-        """Every state key that holds this unit's tensors (dropped by processes that do not own it)."""
-        k, t = len(u.dims), u.tag
-        per_factor = [f"{w}.{t}.{j}" for w in ("factor", "basis", "root") for j in range(k)]
-        return [self.key(w) for w in per_factor + [f"scale.{t}", f"moment.{t}", f"refreshed.{t}", f"failures.{t}"]]
-
     def _drop(self, u: _Unit) -> None:
-        for key in self._unit_keys(u):
+        for key in u.keys.own():
             u.state.pop(key, None)
 
     def _blocks(self, ctx: GroupStep, units: list[_Unit], tensors: list[Tensor]) -> list[Tensor]:
@@ -287,8 +330,13 @@ class Kronecker(Structure):
             out.append(split[i][b])
         return out
 
-    def _assemble(self, ctx: GroupStep, units: list[_Unit], blocks: list[Tensor], out: list[Tensor]) -> None:
-        """Write the units' blocks back into the group-aligned list ``out``."""
+    def _assemble(self, ctx: GroupStep, units: list[_Unit], blocks: list[Tensor], direction: Direction) -> list[Tensor]:
+        """The direction's tensors with the units' blocks written back, all owned by the pipeline.
+
+        Blocks are new tensors; only what no unit covers is copied (when the direction is someone's state).
+        """
+        out = list(direction.tensors)
+        written: set[int] = set()
         per_param: dict[int, list[Tensor]] = {}
         for u, y in zip(units, blocks):
             if u.layer is not None:
@@ -296,27 +344,29 @@ class Kronecker(Structure):
                 iw, ib = u.where
                 if iw is not None:
                     out[iw] = w  # type: ignore[assignment]
+                    written.add(iw)
                 if ib is not None:
                     out[ib] = b  # type: ignore[assignment]
+                    written.add(ib)
             else:
                 per_param.setdefault(u.where[0], []).append(y)
         for i, ys in per_param.items():
             p = ctx.params[i]
             part = _partition(tuple(p.shape), self.max_dim, self.merge_dims)
             out[i] = reassemble_blocks(ys, part).reshape(p.shape)
+            written.add(i)
+        if not direction.owned:
+            out = [t if i in written else t.clone() for i, t in enumerate(out)]
+        return out
 
     # --- statistics ----------------------------------------------------------------------------
 
-    def _factor_key(self, u: _Unit, j: int) -> str:
-        return self.key(f"factor.{u.tag}.{j}")
-
     def _ensure(self, u: _Unit, like: Tensor) -> None:
         dtype = factor_dtype(like)
-        for j, n in enumerate(u.dims):
-            key = self._factor_key(u, j)
+        for key, n in zip(u.keys.factor, u.dims):
             if key not in u.state:
                 u.state[key] = self.init * torch.eye(n, dtype=dtype, device=like.device)
-        u.state.setdefault(self.key("updates"), 0)
+        u.state.setdefault(u.keys.updates, 0)
 
     def _batch(self, ctx: GroupStep, curvature: Curvature) -> list[tuple[_Unit, list[Tensor]]]:
         """This step's factors per unit (in the unit's dimension order), computed once per group and step."""
@@ -358,19 +408,19 @@ class Kronecker(Structure):
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
         factors: list[Tensor] = []
         batch: list[Tensor] = []
-        touched: dict[int, dict[str, Any]] = {}
+        touched: dict[int, _Unit] = {}  # one unit per state dict: the per-parameter counters advance once
         pairs = self._batch(ctx, curvature)
         comm = ctx.optimizer.comm
         owners = self._owners(ctx, self._runtime(ctx.optimizer), [u for u, _ in pairs]) if comm.sharded else None
         for n, (u, fresh) in enumerate(pairs):
-            touched[id(u.state)] = u.state
-            u.state.setdefault(self.key("updates"), 0)
+            touched.setdefault(id(u.state), u)
+            u.state.setdefault(u.keys.updates, 0)
             if owners is not None and owners[n] != comm.rank:
                 self._drop(u)  # sharded: only the owner keeps a block's statistics
                 continue
             self._ensure(u, fresh[0])
             for j, f in enumerate(fresh):
-                factors.append(u.state[self._factor_key(u, j)])
+                factors.append(u.state[u.keys.factor[j]])
                 batch.append(f.to(factors[-1].dtype) if f.dtype != factors[-1].dtype else f)
         if self.accumulate == "ema" and factors:
             torch._foreach_mul_(factors, self.beta)
@@ -379,12 +429,12 @@ class Kronecker(Structure):
             torch._foreach_add_(factors, batch)
         elif factors:
             torch._foreach_copy_(factors, batch)
-        for state in touched.values():
-            state[self.key("updates")] += 1
-            state[self.key("updated_at")] = ctx.step
+        for u in touched.values():
+            u.state[u.keys.updates] += 1
+            u.state[u.keys.updated_at] = ctx.step
 
-    def _divisor(self, state: dict[str, Any]) -> float:
-        n = state.get(self.key("updates"), 0)
+    def _divisor(self, u: _Unit) -> float:
+        n = u.state.get(u.keys.updates, 0)
         if self.accumulate == "ema" and self.bias_correction and n:
             return 1.0 - self.beta**n
         return 1.0
@@ -405,7 +455,7 @@ class Kronecker(Structure):
         mine = units if owners is None else [u for u, o in zip(units, owners) if o == comm.rank]
         derived = dict(zip(map(id, mine), self._compute(mine, transform)))
         if owners is not None:
-            dtype = torch.float64 if any(u.state[self._factor_key(u, 0)].dtype == torch.float64 for u in units) else torch.float32
+            dtype = torch.float64 if any(u.state[u.keys.factor[0]].dtype == torch.float64 for u in units) else torch.float32
             items = [(o, [s for _, s in self._derived_shapes(u)]) for u, o in zip(units, owners)]
             local = {}
             for i, (u, o) in enumerate(zip(units, owners)):
@@ -413,27 +463,26 @@ class Kronecker(Structure):
                     d = derived[id(u)]
                     local[i] = (1.0, [d[k] for k, _ in self._derived_shapes(u)]) if d is not None else (0.0, None)
             for u, (status, tensors) in zip(units, comm.exchange(items, local, dtype)):
-                like = u.state[self._factor_key(u, 0)]
+                like = u.state[u.keys.factor[0]]
                 keys = [k for k, _ in self._derived_shapes(u)]
                 derived[id(u)] = None if tensors is None else {k: t.to(like.dtype) for k, t in zip(keys, tensors)}
         return [(u, m) for u, m in ((u, self._account(u, derived[id(u)], ctx.step)) for u in units) if m]
 
     def _derived_shapes(self, u: _Unit) -> list[tuple[str, tuple[int, ...]]]:
         """The state keys and shapes :meth:`_derive` fills for ``u``, in its order."""
-        k = len(u.dims)
         if self.spectrum == "eigenbasis" or self.damping_form == "exact":
-            out = [(self.key(f"basis.{u.tag}.{j}"), (n, n)) for j, n in enumerate(u.dims)]
+            out = [(key, (n, n)) for key, n in zip(u.keys.basis, u.dims)]
             if self.spectrum == "factors":
-                out.append((self.key(f"scale.{u.tag}"), tuple(u.dims)))
+                out.append((u.keys.scale, tuple(u.dims)))
             return out
-        return [(self.key(f"root.{u.tag}.{j}"), (u.dims[j], u.dims[j])) for j in range(k)]
+        return [(key, (n, n)) for key, n in zip(u.keys.root, u.dims)]
 
     def _compute(self, units: list[_Unit], transform: Transform) -> list[dict[str, Tensor] | None]:
         mats: list[Tensor] = []
         for u in units:
-            div = self._divisor(u.state)
-            for j in range(len(u.dims)):
-                f = u.state[self._factor_key(u, j)]
+            div = self._divisor(u)
+            for key in u.keys.factor:
+                f = u.state[key]
                 mats.append(f / div if div != 1.0 else f)
         eigs = self._eigh_all(mats)
         out: list[dict[str, Tensor] | None] = []
@@ -446,14 +495,14 @@ class Kronecker(Structure):
 
     def _account(self, u: _Unit, derived: dict[str, Tensor] | None, step: int) -> str | None:
         """Keep a successful refresh; count a failed one (the previous preconditioner stays)."""
-        failures = self.key(f"failures.{u.tag}")
+        failures = u.keys.failures
         if derived is not None:
             u.state[failures] = 0
             u.state.update(derived)
-            u.state[self.key(f"refreshed.{u.tag}")] = step
+            u.state[u.keys.refreshed] = step
             return None
         u.state[failures] = u.state.get(failures, 0) + 1
-        u.state[self.key("failures_total")] = u.state.get(self.key("failures_total"), 0) + 1
+        u.state[u.keys.failures_total] = u.state.get(u.keys.failures_total, 0) + 1
         if u.state[failures] < self.max_failures:
             return None
         return self._failure_message(u, u.state[failures])
@@ -493,16 +542,18 @@ class Kronecker(Structure):
         lams = [_floor(e.eigenvalues) for e in eigs]
         qs = [e.eigenvectors for e in eigs]
         out: dict[str, Tensor] = {}
+        made: list[Tensor] = []  # what the eigenvalues were turned into (the eigenvectors were checked by robust_eigh)
         if self.spectrum == "eigenbasis" or self.damping_form == "exact":
-            for j, q in enumerate(qs):
-                out[self.key(f"basis.{u.tag}.{j}")] = q.contiguous()  # one memory layout however it was computed or received: identical products everywhere
+            for key, q in zip(u.keys.basis, qs):
+                out[key] = q.contiguous()  # one memory layout however it was computed or received: identical products everywhere
             if self.spectrum == "factors":
                 prod = lams[0]
                 for lam in lams[1:]:
                     prod = prod.unsqueeze(-1) * lam
                 if u.share != 1:
                     prod = prod ** (1.0 / u.share)
-                out[self.key(f"scale.{u.tag}")] = transform.fn(prod)  # type: ignore[attr-defined]
+                out[u.keys.scale] = transform.fn(prod)  # type: ignore[attr-defined]
+                made.append(out[u.keys.scale])
         else:
             root, damping, outside = transform.kronecker()  # type: ignore[attr-defined]
             k = len(lams)
@@ -515,12 +566,11 @@ class Kronecker(Structure):
                 else:
                     dampings = [damping ** (1.0 / k)] * k
             e = 1.0 / (root * u.share)
-            for j, (lam, q, d) in enumerate(zip(lams, qs, dampings)):
+            for key, lam, q, d in zip(u.keys.root, lams, qs, dampings):
                 fn = (lambda x, d=d: 1.0 / (x.pow(e) + d)) if outside else (lambda x, d=d: (x + d).pow(-e))
-                out[self.key(f"root.{u.tag}.{j}")] = matrix_function(lam, q, fn)
-        if not all(bool(torch.isfinite(t).all()) for t in out.values()):
-            return None
-        return out
+                out[key] = matrix_function(lam, q, fn)
+                made.append(out[key])
+        return out if all_finite(made) else None
 
     # --- preconditioning ------------------------------------------------------------------------
 
@@ -531,24 +581,22 @@ class Kronecker(Structure):
         owners = self._owners(ctx, rt, units) if comm.active else None
         if comm.sharded:
             return self._precondition_sharded(ctx, rt, units, owners, transform, direction)  # type: ignore[arg-type]
-        ready = [u for u in units if u.state.get(self.key("updates"), 0) > 0]
+        ready = [u for u in units if u.state.get(u.keys.updates, 0) > 0]
         due = transform.due(ctx.step)
-        todo = [u for u in ready if due or self.key(f"refreshed.{u.tag}") not in u.state]
+        todo = [u for u in ready if due or u.keys.refreshed not in u.state]
         if todo:
             ids = set(map(id, todo))
             owned = None if owners is None else [o for u, o in zip(units, owners) if id(u) in ids]
             errors = self._refresh(ctx, todo, transform, owned)
             if errors:
                 raise EighFailureError(errors[0][1])
-        live = [u for u in ready if self.key(f"refreshed.{u.tag}") in u.state]
+        live = [u for u in ready if u.keys.refreshed in u.state]
         if self.spectrum == "eigenbasis":
             self._update_moments(ctx, rt, live)
-            live = [u for u in live if u.state.get(self.key("moment_updates"), 0) > 0]
+            live = [u for u in live if u.state.get(u.keys.moment_updates, 0) > 0]
         blocks = self._blocks(ctx, live, direction.tensors)
         results = [self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, blocks)]
-        out = list(direction.tensors) if direction.owned else [t.clone() for t in direction.tensors]
-        self._assemble(ctx, live, results, out)
-        return Direction(out, direction.coef, True)
+        return Direction(self._assemble(ctx, live, results, direction), direction.coef, True)
 
     def _precondition_sharded(
         self, ctx: GroupStep, rt: _Runtime, units: list[_Unit], owners: list[int], transform: Transform, direction: Direction
@@ -560,14 +608,14 @@ class Kronecker(Structure):
         for u, o in zip(units, owners):
             if o != comm.rank:
                 self._drop(u)
-        ready = [u for u in mine if u.state.get(self.key("updates"), 0) > 0]
+        ready = [u for u in mine if u.state.get(u.keys.updates, 0) > 0]
         due = transform.due(ctx.step)
-        todo = [u for u in ready if due or self.key(f"refreshed.{u.tag}") not in u.state]
+        todo = [u for u in ready if due or u.keys.refreshed not in u.state]
         failed = {id(u) for u, _ in self._refresh(ctx, todo, transform)} if todo else set()
-        live = [u for u in ready if self.key(f"refreshed.{u.tag}") in u.state]
+        live = [u for u in ready if u.keys.refreshed in u.state]
         if self.spectrum == "eigenbasis":
             self._update_moments(ctx, rt, live)
-            live = [u for u in live if u.state.get(self.key("moment_updates"), 0) > 0]
+            live = [u for u in live if u.state.get(u.keys.moment_updates, 0) > 0]
         results = dict(zip(map(id, live), (self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, self._blocks(ctx, live, direction.tensors)))))
         local = {}
         for i, (u, o) in enumerate(zip(units, owners)):
@@ -579,9 +627,8 @@ class Kronecker(Structure):
             if status < 0:
                 raise EighFailureError(self._failure_message(u, self.max_failures))
         done = [(u, tensors[0]) for u, (_, tensors) in zip(units, gathered) if tensors is not None]
-        out = list(direction.tensors) if direction.owned else [t.clone() for t in direction.tensors]
         first = [u.where[0] if u.layer is None or u.where[0] is not None else u.where[1] for u, _ in done]
-        self._assemble(ctx, [u for u, _ in done], [y.to(direction.tensors[i].dtype) for (_, y), i in zip(done, first)], out)
+        out = self._assemble(ctx, [u for u, _ in done], [y.to(direction.tensors[i].dtype) for (_, y), i in zip(done, first)], direction)
         return Direction(out, direction.coef, True)
 
     def _apply_infactor_dtype(self, u: _Unit, x: Tensor, transform: Transform) -> Tensor:
@@ -592,19 +639,18 @@ class Kronecker(Structure):
         return self._apply(u, x.to(dtype), transform).to(x.dtype)
 
     def _apply(self, u: _Unit, x: Tensor, transform: Transform) -> Tensor:
-        k = len(u.dims)
         if self.spectrum == "factors" and self.damping_form != "exact":
-            ps = [u.state[self.key(f"root.{u.tag}.{j}")] for j in range(k)]
+            ps = [u.state[key] for key in u.keys.root]
             if x.dim() == 2:
                 return ps[0] @ x @ ps[1]
             return mode_products(x, ps)
-        qs = [u.state[self.key(f"basis.{u.tag}.{j}")] for j in range(k)]
+        qs = [u.state[key] for key in u.keys.basis]
         rotated = _rotate(x, qs, True)
         if self.spectrum == "factors":
-            scale = u.state[self.key(f"scale.{u.tag}")]
+            scale = u.state[u.keys.scale]
         else:
-            moment = u.state[self.key(f"moment.{u.tag}")]
-            n = u.state[self.key("moment_updates")]
+            moment = u.state[u.keys.moment]
+            n = u.state[u.keys.moment_updates]
             if self.eigenbasis_bias_correction:
                 moment = moment / (1.0 - self.eigenbasis_beta**n)
             scale = transform.fn(moment)  # type: ignore[attr-defined]
@@ -612,13 +658,13 @@ class Kronecker(Structure):
 
     def _update_moments(self, ctx: GroupStep, rt: _Runtime, units: list[_Unit]) -> None:
         """Eigenbasis mode: ``D ← β D + (1-β) (Qᵀ g)²`` on curvature steps, in the current eigenbasis."""
-        fresh = [u for u in units if u.state.get(self.key("updated_at")) == ctx.step]
+        fresh = [u for u in units if u.state.get(u.keys.updated_at) == ctx.step]
         if not fresh:
             return
-        moments, batch, states = [], [], {}
+        moments, batch, counted = [], [], {}
         grads = self._blocks(ctx, fresh, ctx.grads) if self.factors == "gradient" else [None] * len(fresh)
         for u, g in zip(fresh, grads):
-            qs = [u.state[self.key(f"basis.{u.tag}.{j}")] for j in range(len(u.dims))]
+            qs = [u.state[key] for key in u.keys.basis]
             if u.layer is not None:
                 a_rows, g_rows, w = rt.rows[u.layer]
                 a2 = (a_rows.to(qs[1].dtype) @ qs[1]).square()
@@ -626,18 +672,18 @@ class Kronecker(Structure):
                 new = (g2.T @ a2) * w  # EKFAC: w Σ_r (Q_Gᵀ g_r)² (Q_Aᵀ a_r)²ᵀ
             else:
                 new = _rotate(g, qs, True).square()
-            key = self.key(f"moment.{u.tag}")
+            key = u.keys.moment
             if key not in u.state:
                 u.state[key] = torch.zeros_like(new)
             moments.append(u.state[key])
             batch.append(new)
-            states[id(u.state)] = u.state
+            counted.setdefault(id(u.state), u)  # one count per state dict: blocks of a parameter share it
         if self.factors == "layer":
             ctx.evaluation.mean_(batch)  # EKFAC: per-row moments of this process's batch
         torch._foreach_mul_(moments, self.eigenbasis_beta)
         torch._foreach_add_(moments, batch, alpha=1.0 - self.eigenbasis_beta)
-        for state in states.values():
-            state[self.key("moment_updates")] = state.get(self.key("moment_updates"), 0) + 1
+        for u in counted.values():
+            u.state[u.keys.moment_updates] = u.state.get(u.keys.moment_updates, 0) + 1
 
 
 def _floor(lam: Tensor) -> Tensor:
