@@ -10,6 +10,7 @@ differentiable gradient, layer hooks, a closure to re-evaluate).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -33,7 +34,7 @@ class Needs:
     model: bool = False  # a functional call of the model (torch.func)
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})
+        return _union(self, other)
 
     def names(self) -> list[str]:
         labels = {
@@ -49,6 +50,12 @@ class Needs:
         """Whether the plain ``loss.backward(); opt.step()`` idiom is not enough (layer hooks must be
         armed before the forward pass, so they need the closure too)."""
         return self.outputs or self.create_graph or self.closure or self.hooks
+
+
+@lru_cache(maxsize=64)
+def _union(a: Needs, b: Needs) -> Needs:
+    # every step unions each pipeline's needs: few distinct pairs, each built once
+    return Needs(**{f.name: getattr(a, f.name) or getattr(b, f.name) for f in fields(a)})
 
 
 class Block(BaseModel):
