@@ -271,7 +271,7 @@ class Comm:
         status travels with the tensors (e.g. 1: computed, 0: nothing, -1: failed).
         Values go through ``dtype`` (pick one that holds every item's dtype exactly).
         """
-        if not self.active:
+        if not self.active or not items:  # (every process has the same items: all return here, or none)
             return [local[i] for i in range(len(items))]
         sizes = [[math.prod(s) for s in shapes] for _, shapes in items]
         seg = [0] * self.world

@@ -45,6 +45,21 @@ def test_torchrun_runs_the_same_code(one: dict, tmp_path: Path) -> None:
     _same(one, _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "precond.cli"], out))
 
 
+def test_a_transformer_with_fallback_rules_trains_the_same_on_two_processes(tmp_path: Path) -> None:
+    """tiny-lm: K-FAC factors over (batch, sequence) rows, LayerNorm and Embedding routed to Adam by rules."""
+    args = ["train", "kfac", "--task", "tiny-lm", "--short", "--steps", "8", "--eval-every", "4", "--no-progress"]
+    runs = []
+    for n in (1, 2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        out = tmp_path / f"lm{n}"
+        done = subprocess.run([sys.executable, "-m", "precond.cli", *args, "--nproc", str(n), "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads((out / "metrics.json").read_text())["final"])
+    for key, value in runs[0].items():
+        assert runs[1][key] == pytest.approx(value, rel=1e-5), key
+
+
 def test_a_failing_process_stops_the_others(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     done = subprocess.run(
