@@ -201,9 +201,10 @@ class Optimizer(torch.optim.Optimizer):
         ev.model, ev.likelihood, ev.generator, ev.comm = self.model, self.likelihood, self.generator, self.comm
         if self.comm.active and ev.graph_grads is not None:
             # torch.autograd.grad (for a differentiable gradient) bypasses DDP's reducer: average here
-            grads = [p.grad.clone() for p in params if p.grad is not None]
+            have = [p for p in params if p.grad is not None]
+            grads = [p.grad.clone() for p in have]  # the detached grads share memory with the graph's
             self.comm.mean_(grads)
-            for p, g in zip([p for p in params if p.grad is not None], grads):
+            for p, g in zip(have, grads):
                 p.grad = g
         return ev
 
@@ -305,7 +306,7 @@ class Optimizer(torch.optim.Optimizer):
         everyone = [torch.empty_like(local) for _ in range(self.comm.world)]
         torch.distributed.all_gather(everyone, local, group=self.comm.group)
         for rank, other in enumerate(everyone):
-            differ = (other != everyone[0]).any(dim=1).nonzero()
+            differ = ((other != everyone[0]) & ~(other.isnan() & everyone[0].isnan())).any(dim=1).nonzero()  # NaN == NaN here
             if len(differ):
                 i = int(differ[0])
                 what = "values" if i % 2 == 0 else "gradients"

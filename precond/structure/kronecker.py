@@ -581,22 +581,31 @@ class Kronecker(Structure):
         owners = self._owners(ctx, rt, units) if comm.active else None
         if comm.sharded:
             return self._precondition_sharded(ctx, rt, units, owners, transform, direction)  # type: ignore[arg-type]
+        live, errors = self._prepare(ctx, rt, units, transform, owners)
+        if errors:
+            raise EighFailureError(errors[0][1])
+        blocks = self._blocks(ctx, live, direction.tensors)
+        results = [self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, blocks)]
+        return Direction(self._assemble(ctx, live, results, direction), direction.coef, True)
+
+    def _prepare(
+        self, ctx: GroupStep, rt: _Runtime, units: list[_Unit], transform: Transform, owners: list[int] | None = None
+    ) -> tuple[list[_Unit], list[tuple[_Unit, str]]]:
+        """Refresh the blocks that are due (``owners``: shared out, replicated mode) and return the blocks
+        ready to apply, with the blocks that failed ``max_failures`` times in a row."""
         ready = [u for u in units if u.state.get(u.keys.updates, 0) > 0]
         due = transform.due(ctx.step)
         todo = [u for u in ready if due or u.keys.refreshed not in u.state]
+        errors: list[tuple[_Unit, str]] = []
         if todo:
             ids = set(map(id, todo))
             owned = None if owners is None else [o for u, o in zip(units, owners) if id(u) in ids]
             errors = self._refresh(ctx, todo, transform, owned)
-            if errors:
-                raise EighFailureError(errors[0][1])
         live = [u for u in ready if u.keys.refreshed in u.state]
         if self.spectrum == "eigenbasis":
             self._update_moments(ctx, rt, live)
             live = [u for u in live if u.state.get(u.keys.moment_updates, 0) > 0]
-        blocks = self._blocks(ctx, live, direction.tensors)
-        results = [self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, blocks)]
-        return Direction(self._assemble(ctx, live, results, direction), direction.coef, True)
+        return live, errors
 
     def _precondition_sharded(
         self, ctx: GroupStep, rt: _Runtime, units: list[_Unit], owners: list[int], transform: Transform, direction: Direction
@@ -604,19 +613,13 @@ class Kronecker(Structure):
         """Memory-saving mode: each process refreshes and applies the blocks it owns; one all-gather of
         the preconditioned blocks (status 1: preconditioned, 0: passes unchanged, -1: failed) serves all."""
         comm = ctx.optimizer.comm
-        mine = [u for u, o in zip(units, owners) if o == comm.rank]
         for u, o in zip(units, owners):
             if o != comm.rank:
                 self._drop(u)
-        ready = [u for u in mine if u.state.get(u.keys.updates, 0) > 0]
-        due = transform.due(ctx.step)
-        todo = [u for u in ready if due or u.keys.refreshed not in u.state]
-        failed = {id(u) for u, _ in self._refresh(ctx, todo, transform)} if todo else set()
-        live = [u for u in ready if u.keys.refreshed in u.state]
-        if self.spectrum == "eigenbasis":
-            self._update_moments(ctx, rt, live)
-            live = [u for u in live if u.state.get(u.keys.moment_updates, 0) > 0]
-        results = dict(zip(map(id, live), (self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, self._blocks(ctx, live, direction.tensors)))))
+        live, errors = self._prepare(ctx, rt, [u for u, o in zip(units, owners) if o == comm.rank], transform)
+        failed = {id(u) for u, _ in errors}
+        blocks = self._blocks(ctx, live, direction.tensors)
+        results = {id(u): self._apply_infactor_dtype(u, x, transform) for u, x in zip(live, blocks)}
         local = {}
         for i, (u, o) in enumerate(zip(units, owners)):
             if o == comm.rank:
