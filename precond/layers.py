@@ -177,6 +177,17 @@ def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> 
     return {p: layers[m] for p, m in members}
 
 
+def require_one_group(layers: Iterable[Layer], param_groups: list[dict[str, Any]], who: str) -> None:
+    """A layer's weight and bias are preconditioned together: they must sit in the same param group."""
+    group_of = {p: i for i, g in enumerate(param_groups) for p in g["params"]}
+    for layer in dict.fromkeys(layers):
+        if len({group_of[p] for p in layer.params}) > 1:
+            raise PipelineError(
+                f"the weight and bias of layer '{layer.name}' are in different param groups; {who} preconditions "
+                "them together: put them in one group, or route the bias elsewhere with a rule"
+            )
+
+
 # --- recording ------------------------------------------------------------------------------
 
 

@@ -632,3 +632,15 @@ def test_hooks_go_away_with_the_optimizer() -> None:
     gc.collect()
     assert ref() is None
     assert all(len(model[i]._forward_hooks) == 0 for i in (0, 2))
+
+
+@pytest.mark.parametrize("recipe", ["kfac", "kbfgs"])
+def test_weight_and_bias_in_different_groups_are_refused(recipe: str) -> None:
+    from precond.errors import PipelineError
+    from precond.optimizer import Optimizer
+    from precond.recipe import resolve
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    groups = [{"params": [model[0].weight]}, {"params": [model[0].bias]}]
+    with pytest.raises(PipelineError, match=r"weight and bias of layer '0' are in different param groups; structure k(ronecker|bfgs) preconditions them together"):
+        Optimizer(groups, resolve(recipe), model=model, likelihood="categorical")

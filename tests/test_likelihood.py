@@ -302,3 +302,16 @@ def test_categorical_numerically_stable_for_huge_logits() -> None:
 def test_likelihood_is_abstract() -> None:
     with pytest.raises(TypeError):
         Likelihood()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("lik", [Categorical(), Gaussian()], ids=["categorical", "gaussian"])
+def test_rows_of_a_batch_draw_what_the_whole_batch_draws(lik) -> None:
+    """Processes holding parts of a batch draw exactly the whole batch's targets (distributed sampling)."""
+    out = torch.randn(12, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = lik.sample(out, torch.Generator().manual_seed(3), samples=2)
+    for parts in ([0, 12], [0, 6, 12], [0, 3, 6, 9, 12], [0, 5, 12]):
+        pieces = [lik.sample(out[a:b], torch.Generator().manual_seed(3), samples=2, rows=(a, 12)) for a, b in zip(parts, parts[1:])]
+        assert torch.equal(torch.cat(pieces, dim=1), whole)
+    assert torch.equal(lik.sample(out, torch.Generator().manual_seed(3), samples=2, rows=(0, 12)), whole)
+    with pytest.raises(ValueError, match="do not fit"):
+        lik.sample(out[:6], torch.Generator().manual_seed(3), rows=(8, 12))

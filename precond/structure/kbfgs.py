@@ -39,7 +39,7 @@ from torch import Tensor
 from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
 from precond.errors import PipelineError
 from precond.evaluation import evaluate
-from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_rows, sample_count
+from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_rows, require_one_group, sample_count
 from precond.linalg.quasi_newton import bfgs_inverse_update, double_damping, two_loop
 from precond.registry import register
 
@@ -105,12 +105,7 @@ class KBFGS(Structure):
         params = [q for pipe in pipes for q in optimizer.pipeline_params(pipe) if q.requires_grad]
         rt = _Runtime()
         rt.layers = find_layers(params, optimizer.param_info, f"recipe '{optimizer.recipe.name}' (structure kbfgs)")
-        group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        for layer in dict.fromkeys(rt.layers.values()):
-            if len({group_of[p] for p in layer.params}) > 1:
-                raise PipelineError(
-                    f"the weight and bias of layer '{layer.name}' are in different param groups; K-BFGS needs them together"
-                )
+        require_one_group(rt.layers.values(), optimizer.param_groups, "structure kbfgs")
         rt.recorder = Recorder(dict.fromkeys(rt.layers.values()), capture_grads=True, owner=optimizer)
         table[id(self)] = rt
 

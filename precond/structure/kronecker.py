@@ -31,7 +31,7 @@ from torch import Tensor
 from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
 from precond.errors import PipelineError
 from precond.guard import all_finite
-from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_factors, layer_rows, warn_silent
+from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_factors, layer_rows, require_one_group, warn_silent
 from precond.linalg.kron import BlockPartition, block_partition, mode_products, reassemble_blocks, shampoo_statistics, split_into_blocks
 from precond.linalg.spectral import EighFailureError, EighResult, matrix_function, robust_eigh
 from precond.registry import register
@@ -49,7 +49,6 @@ class _Runtime:
     reported: set[int] = field(default_factory=set)  # layers whose silent hooks were reported
     rows: dict[Layer, tuple[Tensor, Tensor, float]] = field(default_factory=dict)  # eigenbasis (EKFAC): this step's rows
     owners: dict[tuple[int, ...], dict[str, int]] = field(default_factory=dict)  # per param group: block name -> rank
-    index: dict[Tensor, int] = field(default_factory=dict)  # each parameter's position in the optimizer
     units: dict[tuple[int, ...], list[_Unit]] = field(default_factory=dict)  # per list of parameters (by id): its blocks
 
 
@@ -204,17 +203,10 @@ class Kronecker(Structure):
                 "only: use distributed.mode: replicated"
             )
         rt = _Runtime(curvature)
-        rt.index = {p: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         if self.factors == "layer":
             params = [q for pipe in pipes for q in optimizer.pipeline_params(pipe)]
             rt.layers = find_layers(params, optimizer.param_info, f"recipe '{optimizer.recipe.name}' (structure kronecker, factors: layer)")
-            group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-            for layer in dict.fromkeys(rt.layers.values()):
-                if len({group_of[p] for p in layer.params}) > 1:
-                    raise PipelineError(
-                        f"the weight and bias of layer '{layer.name}' are in different param groups; K-FAC preconditions "
-                        "them together: put them in one group, or route the bias elsewhere with a rule"
-                    )
+            require_one_group(rt.layers.values(), optimizer.param_groups, "structure kronecker")
             rt.recorder = Recorder(dict.fromkeys(rt.layers.values()), getattr(curvature, "capture_output_grads", False), owner=optimizer)
         table[id(self)] = rt
 
@@ -290,10 +282,11 @@ class Kronecker(Structure):
 
     # --- several processes: who owns which block ---------------------------------------------
 
-    def _name(self, rt: _Runtime, u: _Unit) -> str:
+    @staticmethod
+    def _name(optimizer: Any, u: _Unit) -> str:
         if u.layer is not None:
             return f"layer:{u.layer.name}"
-        return f"{rt.index[u.holder]}#{u.tag}"
+        return f"{optimizer.index_of(u.holder)}#{u.tag}"
 
     def _owners(self, ctx: GroupStep, rt: _Runtime, units: list[_Unit]) -> list[int]:
         """Each unit's owner: :func:`precond.distributed.assign_named` over every block of the param
@@ -304,10 +297,10 @@ class Kronecker(Structure):
         key = tuple(id(p) for p in ctx.group["params"])
         if key not in rt.owners:
             everything = self._units(ctx, rt, params=[p for p in ctx.group["params"] if p.requires_grad])
-            costs = [(self._name(rt, u), float(sum(d**3 for d in u.dims))) for u in everything]
+            costs = [(self._name(ctx.optimizer, u), float(sum(d**3 for d in u.dims))) for u in everything]
             rt.owners[key] = dict(zip((n for n, _ in costs), comm.owners(costs)))
         table = rt.owners[key]
-        return [table[self._name(rt, u)] for u in units]
+        return [table[self._name(ctx.optimizer, u)] for u in units]
 
     def _drop(self, u: _Unit) -> None:
         for key in u.keys.own():
