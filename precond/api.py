@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+from fnmatch import fnmatchcase
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from precond import registry
 from precond.block import Block
-from precond.errors import RecipeError
+from precond.errors import RecipeError, RecipeWarning
 from precond.optimizer import DEFAULT_RULE, Optimizer, param_info
-from precond.recipe import Recipe, recipe_model, resolve, validate
+from precond.recipe import Recipe, location_of, recipe_model, resolve, validate
 
 ModelLike = nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -31,12 +36,18 @@ def _params(model: ModelLike, recipe: Recipe) -> tuple[Any, nn.Module | None]:
 
 
 def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
-    """One param group per rule that takes parameters; the first matching rule wins."""
+    """One param group per rule that takes parameters; the first matching rule wins.
+
+    Warns (:class:`~precond.errors.RecipeWarning`) about match patterns that look like typos for
+    this model or that earlier rules shadow."""
     groups: dict[str, list[torch.Tensor]] = {DEFAULT_RULE: []}
     for rule in recipe.rules:  # type: ignore[attr-defined]
         groups[rule.name] = []
-    for p, info in param_info(model).items():
+    infos = param_info(model)
+    for p, info in infos.items():
         groups[rule_of(recipe, info.name, info.module)].append(p)
+    for message in rule_warnings(model, recipe, infos):
+        warnings.warn(message, RecipeWarning, stacklevel=_outside_precond())
     out = []
     for rule in [None, *recipe.rules]:  # type: ignore[attr-defined]
         name = DEFAULT_RULE if rule is None else rule.name
@@ -51,6 +62,104 @@ def rule_of(recipe: Recipe, name: str, module: nn.Module) -> str:
         if rule.match.matches(name, module):
             return rule.name
     return DEFAULT_RULE
+
+
+def rule_warnings(model: nn.Module, recipe: Recipe, infos: Mapping[torch.Tensor, Any] | None = None) -> list[str]:
+    """What :class:`~precond.errors.RecipeWarning` says about ``recipe``'s rules on ``model`` (its
+    docstring has the rule): one message per pattern that looks like a typo, or that earlier rules shadow."""
+    rules = recipe.rules  # type: ignore[attr-defined]
+    if not rules:
+        return []
+    infos = param_info(model) if infos is None else infos
+    params = list(infos.values())
+    owner: dict[int, str] = {}  # parameter index -> the rule that takes it
+    for j, info in enumerate(params):
+        for rule in rules:
+            if rule.match.matches(info.name, info.module):
+                owner[j] = rule.name
+                break
+    model_classes = sorted({type(m).__name__ for m in model.modules()})
+    owning = sorted({type(info.module).__name__ for info in params})
+    known_classes: set[str] = set()  # filled on first need
+    out = []
+    for i, rule in enumerate(rules):
+        earlier = {r.name for r in rules[:i]}
+        patterns = [("modules", k, pat) for k, pat in enumerate(rule.match.modules)]
+        patterns += [("names", k, pat) for k, pat in enumerate(rule.match.names)]
+        for field, k, pattern in patterns:
+            if field == "modules":
+                hits = [j for j, info in enumerate(params) if type(info.module).__name__ == pattern]
+            else:
+                hits = [j for j, info in enumerate(params) if fnmatchcase(info.name, pattern)]
+            where = location_of(recipe, ("rules", i, "match", field, k)) or f"recipe '{recipe.name}'"
+            head = f"{where}: rules.{i}.match.{field}: rule '{rule.name}'"
+            if not hits:
+                if field == "modules":
+                    known_classes = known_classes or _module_class_names()
+                    if pattern in known_classes:
+                        continue  # a real layer type this model does not use: not a typo
+                    hint = registry.suggest(pattern, model_classes) or registry.suggest(pattern, _torch_nn_names())
+                    out.append(f"{head}: module type {pattern!r} matches no module of the model{hint}, and no "
+                               "nn.Module class has that name; the rule takes nothing through it "
+                               f"(the model's modules that own parameters: {', '.join(owning) or 'none'})")
+                else:
+                    hint = registry.suggest(pattern, _name_patterns([info.name for info in params]), cutoff=NAME_CUTOFF)
+                    if hint:  # a pattern with nothing close is taken as written for other models
+                        out.append(f"{head}: name pattern {pattern!r} matches no parameter of the model{hint}; "
+                                   "the rule takes nothing through it")
+            elif all(owner.get(j) in earlier for j in hits):
+                by = sorted({owner[j] for j in hits}, key=[r.name for r in rules].index)
+                what = f"module type {pattern!r}" if field == "modules" else f"name pattern {pattern!r}"
+                out.append(f"{head}: {what} matches only parameters that earlier rules take first (shadowed by "
+                           f"rule {' and '.join(repr(b) for b in by)}; the first matching rule wins); "
+                           "move the rule up or drop the pattern")
+    return out
+
+
+NAME_CUTOFF = 0.75  # a name pattern this similar (difflib) to a parameter name or its generalisation is a typo
+
+
+def _module_class_names() -> set[str]:
+    """Names of every nn.Module class defined in the program (torch.nn's, the model's, any other)."""
+    seen: set[type] = set()
+    stack: list[type] = [nn.Module]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+    return {c.__name__ for c in seen} | {"Module"}
+
+
+def _torch_nn_names() -> list[str]:
+    return sorted(n for n, c in vars(nn).items()
+                  if isinstance(c, type) and issubclass(c, nn.Module) and not issubclass(c, nn.modules.loss._Loss))
+
+
+def _name_patterns(names: list[str]) -> list[str]:
+    """The parameter names and their ``*``-generalisations (``0.bias`` -> ``*.bias``, ``0.*``), for suggestions."""
+    out = set(names)
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            out.add(".".join(parts[:i] + ["*"] + parts[i + 1:]))
+        if len(parts) > 1:
+            out.add("*." + parts[-1])
+    return sorted(out)
+
+
+def _outside_precond() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside the precond package."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def build(

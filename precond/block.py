@@ -32,11 +32,13 @@ class Needs:
     hooks: bool = False  # forward/backward hooks on the layers (needs an nn.Module)
     closure: bool = False  # a closure it can call again (line searches, extra passes)
     model: bool = False  # a functional call of the model (torch.func)
+    likelihood: bool = False  # the distribution the model predicts (precond.build(..., likelihood=...))
 
     def __or__(self, other: Needs) -> Needs:
         return _union(self, other)
 
     def names(self) -> list[str]:
+        """What the step must provide (the likelihood is given at build time and is not listed)."""
         labels = {
             "outputs": "model outputs",
             "create_graph": "a differentiable gradient",
@@ -44,7 +46,7 @@ class Needs:
             "closure": "a closure to re-evaluate",
             "model": "the model (nn.Module)",
         }
-        return [labels[f.name] for f in fields(self) if getattr(self, f.name)]
+        return [labels[f.name] for f in fields(self) if getattr(self, f.name) and f.name in labels]
 
     def need_closure(self) -> bool:
         """Whether the plain ``loss.backward(); opt.step()`` idiom is not enough (layer hooks must be
@@ -242,6 +244,27 @@ class DiagonalEstimate:
     scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """One fresh curvature statistic and what it is, for the non-finite check and its message.
+
+    ``params``: the positions in ``ctx.params`` of the parameters it belongs
+    to (one for a diagonal or a gradient factor; a layer's weight and bias
+    for K-FAC factors; every parameter of a dense block). ``part``: which
+    statistic of them, e.g. ``"Kronecker factor 0 of 2, dims 256"`` (empty
+    for the one statistic of a parameter).
+    """
+
+    tensor: torch.Tensor
+    params: tuple[int, ...]
+    part: str = ""
+
+
+def per_parameter(tensors: list[torch.Tensor]) -> list[Estimate]:
+    """One estimate per parameter of the group, in order (diagonal statistics)."""
+    return [Estimate(t, (i,)) for i, t in enumerate(tensors)]
+
+
 class Structure(Block):
     """Stores the curvature and applies spectral transforms to directions."""
 
@@ -254,11 +277,16 @@ class Structure(Block):
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
         raise NotImplementedError
 
-    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[torch.Tensor]:
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
         """The fresh statistics ``update`` would accumulate, for the non-finite check before any state changes.
 
-        Estimates computed through :meth:`Curvature.shared` are memoised, so
-        checking costs no extra backward pass. Default: nothing to check.
+        Each comes with what it is (:class:`Estimate`: which parameters, which
+        factor or pair), so that the guard's message names it; a structure may
+        keep several per parameter (Kronecker factors) or one per several
+        parameters (a dense block). ``update`` must use these same tensors (or
+        recompute them identically). Estimates computed through
+        :meth:`Curvature.shared` are memoised, so checking costs no extra
+        backward pass. Default: nothing to check.
         """
         return []
 

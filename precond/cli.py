@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Optional
 
 import typer
@@ -13,9 +14,10 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from precond import registry
-from precond.errors import PrecondError
+from precond.errors import LikelihoodMismatchWarning, PrecondError, RecipeWarning
 from precond.recipe import builtin_recipes, load_recipe, parse_set, schema
 
+_default_showwarning = warnings.showwarning
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Second-order optimizers declared as recipes.")
 console = Console()
 err = Console(stderr=True)
@@ -52,6 +54,7 @@ def build(
     model: str = typer.Option(
         "mlp:32,64,10", "--model", help="model for memory, time and rules: mlp:IN,HIDDEN,...,OUT or task:NAME (e.g. task:tiny-lm)"
     ),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads for the timed steps (as `precond train`)"),
 ) -> None:
     """Validate and assemble recipes; print each pipeline."""
     from precond.inspect import summarize
@@ -68,7 +71,7 @@ def build(
             hyper = {k: v for k, v in overrides.items() if "." not in k}
             dotted = {k: v for k, v in overrides.items() if "." in k}
             recipe = load_recipe(spec, set={**dotted, **hyper})
-            summary = summarize(recipe, model)
+            summary = summarize(recipe, model, threads=threads)
         except (PrecondError, ValueError) as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             failed += 1
@@ -85,7 +88,7 @@ def build(
         console.print(
             f"  step needs: {', '.join(summary.needs)}; state on {model} ({summary.params} parameters): "
             f"{summary.state_bytes / 1024:.1f} KiB = {summary.state_per_param:.2f}x the parameters; "
-            f"{summary.ms_per_step:.2f} ms/step",
+            f"{summary.ms_per_step:.2f} ms/step (median, {summary.threads} thread{'s' if summary.threads != 1 else ''})",
             highlight=False,
         )
         if recipe.rules:  # type: ignore[attr-defined]
@@ -137,25 +140,43 @@ def list_(json_: bool = typer.Option(False, "--json", help="machine-readable out
 
 @app.command()
 def show(name: str = typer.Argument(..., help="a built-in recipe name or a YAML file")) -> None:
-    """Print a recipe's YAML."""
+    """Print a recipe's YAML file verbatim (`precond show kfac > my_kfac.yaml` gives a valid recipe)."""
     from pathlib import Path
 
     table = builtin_recipes()
     path = table.get(name) or Path(name)
     if not path.is_file():
         _fail(ValueError(f"no built-in recipe or file {name!r}{registry.suggest(name, list(table))}; built-in: {', '.join(table)}"))
-    console.print(Syntax(path.read_text(encoding="utf-8"), "yaml", theme="ansi_dark", background_color="default"))
+    text = path.read_text(encoding="utf-8")
+    if console.is_terminal:  # colour for a reader; never wrapped or cut, so a copied line stays valid YAML
+        console.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"), soft_wrap=True, crop=False)
+    else:  # piped or redirected: the bytes of the file, nothing added
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 @app.command("schema")
-def schema_(out: Optional[str] = typer.Option(None, "--out", help="write to this file instead of stdout")) -> None:
-    """Print the JSON Schema of recipes (for yaml-language-server and editors)."""
-    text = json.dumps(schema(), indent=2)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
+def schema_(
+    out: Optional[str] = typer.Option(
+        None, "--out", help="write to this file, or to DIR/recipe.schema.json when it is a folder (`--out .` beside "
+        "your recipes, where their `# yaml-language-server: $schema=recipe.schema.json` line finds it)",
+    ),
+) -> None:
+    """Print the JSON Schema of recipes (for yaml-language-server and editors), plugin blocks included."""
+    from pathlib import Path
+
+    text = json.dumps(schema(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        return
+    target = Path(out)
+    if target.is_dir():
+        target = target / "recipe.schema.json"
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _fail(ValueError(f"cannot write {target}: {exc.strerror}"))
+    err.print(f"wrote {target}", highlight=False)
 
 
 # ---------------------------------------------------------------------------
@@ -641,7 +662,17 @@ def tasks() -> None:
     _console_out().print(t)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """precond's own warnings (a rule that matches nothing, a likelihood that disagrees with the loss) as one
+    located line, like its errors; any other warning as Python shows it."""
+    if issubclass(category, (RecipeWarning, LikelihoodMismatchWarning)):
+        err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app()
     except PrecondError as exc:  # anything a block raises on purpose: a message, not a traceback

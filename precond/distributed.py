@@ -1,7 +1,7 @@
 """Who owns which preconditioner block: a deterministic, cost-balanced assignment (pure shape logic).
 
-The foundation of sharded preconditioner work (docs/distributed.md, DESIGN.md
-"Scaling out"): *block first, then assign*. Every parameter is cut into the
+The foundation of sharded preconditioner work (docs/distributed.md#block-first-then-assign,
+docs/algorithms.md#distributed-averaging): *block first, then assign*. Every parameter is cut into the
 blocks the ``kronecker`` structure uses (:func:`precond.linalg.kron.block_partition`
 at ``max_dim``); each block is one unit of ownership with a cost (``dim³`` per
 factor for eigendecompositions, ``dim²`` for memory); blocks go to ranks by a

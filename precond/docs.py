@@ -1,4 +1,4 @@
-"""Generate ``docs/recipes.md`` (and ``docs/recipe.schema.json``) from the registry.
+"""Generate ``docs/recipes.md`` (and ``recipes/recipe.schema.json``) from the registry.
 
     python -m precond.docs            # rewrite both files
     python -m precond.docs --check    # exit 1 if either is stale (what tests/test_docs.py asserts)
@@ -29,7 +29,7 @@ from precond.recipe import builtin_recipes, load_recipe, recipe_model, schema, v
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES_MD = ROOT / "docs" / "recipes.md"
-SCHEMA_JSON = ROOT / "docs" / "recipe.schema.json"
+SCHEMA_JSON = ROOT / "recipes" / "recipe.schema.json"  # beside the recipes (in the wheel too): `$schema=recipe.schema.json`
 REGENERATE = "python -m precond.docs"
 
 # The worked example: a new method composed from existing blocks (tests/test_docs.py builds and trains it).
@@ -144,7 +144,7 @@ def _header() -> list[str]:
         "     change a block's docstring or Field descriptions (or a recipe file), then run",
         f"     `{REGENERATE}`. tests/test_docs.py fails while this file is stale. -->",
         "",
-        f"*Generated from the code by `{REGENERATE}` (which also writes `docs/recipe.schema.json`); "
+        f"*Generated from the code by `{REGENERATE}` (which also writes `recipes/recipe.schema.json`); "
         "regenerate after adding or changing a block or a built-in recipe.*",
         "",
         "An optimizer in precond is a *recipe*: a YAML file (or a dict, or blocks composed in Python) that names a "
@@ -215,16 +215,18 @@ def _writing() -> list[str]:
         "",
         *_rules(),
         "Editors: `precond schema` prints the JSON Schema of recipes, generated from the registry (plugin blocks "
-        "included); `docs/recipe.schema.json` is a copy for the built-in blocks. With the YAML language server "
-        "(VS Code's YAML extension, and others) the first line of a recipe gives completion, hover docs and "
-        "validation as you type:",
-        "",
-        "```yaml",
-        "# yaml-language-server: $schema=./recipe.schema.json",
-        "```",
+        "included); the package ships a copy for the built-in blocks beside its recipes (`recipes/recipe.schema.json` "
+        "in a checkout), which is what the first line of every built-in recipe points at. With the YAML language "
+        "server (VS Code's YAML extension, and others) that line gives completion, hover docs and validation as "
+        "you type. For your own recipes, write the schema into their folder once:",
         "",
         "```bash",
-        "precond schema --out recipe.schema.json",
+        "precond show kfac > my_kfac.yaml          # a built-in recipe, verbatim, to start from",
+        "precond schema --out .                    # writes ./recipe.schema.json (plugin blocks included)",
+        "```",
+        "",
+        "```yaml",
+        "# yaml-language-server: $schema=recipe.schema.json",
         "```",
         "",
     ]
@@ -455,7 +457,7 @@ def recipes_markdown() -> str:
 
 
 def schema_json() -> str:
-    """``docs/recipe.schema.json``: the recipe JSON Schema for the built-in blocks."""
+    """``recipes/recipe.schema.json``: the recipe JSON Schema for the built-in blocks."""
     with builtin_blocks_only():
         return json.dumps(schema(), indent=2) + "\n"
 

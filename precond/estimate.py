@@ -18,6 +18,7 @@ from precond.block import Curvature, GroupStep
 from precond.errors import PipelineError, RecipeError
 from precond.evaluation import evaluate
 from precond.likelihood import get_likelihood
+from precond.likelihood_check import OutputGradient, warn_if_mismatch
 
 
 def estimate(
@@ -48,6 +49,12 @@ def estimate(
     a trainable bias; ``G`` the output factor), so that ``kron(G, A)`` is the
     layer's curvature block for ``[W.reshape(d_out, -1) | b]`` flattened
     row-major (conventions in :mod:`precond.layers`).
+
+    For an estimator that uses the likelihood (``sampled_fisher``,
+    ``gauss_newton``), a loss that visibly is not the likelihood's (a
+    cross-entropy with ``likelihood="gaussian"``, a summed instead of a mean
+    loss, ...) gives a :class:`precond.errors.LikelihoodMismatchWarning`;
+    the exact criterion is in :mod:`precond.likelihood_check`.
     """
     block = _block(estimator, options)
     if structure not in block.fills:
@@ -65,10 +72,14 @@ def estimate(
 
         recorder = Recorder(model_layers(model), getattr(block, "capture_output_grads", False))
         recorder.arm()
+    lik = None if likelihood is None else get_likelihood(likelihood)
+    captured = OutputGradient(closure) if lik is not None and block.needs().likelihood else None
     try:
-        ev = evaluate(closure, params, block.needs(), f"curvature '{block.name}'")
+        ev = evaluate(captured or closure, params, block.needs(), f"curvature '{block.name}'")
+        if captured is not None:  # ∂loss/∂outputs from the backward pass evaluate ran: no extra pass
+            warn_if_mismatch(lik, captured, f"precond.estimate('{block.name}', likelihood='{lik.name}')", stacklevel=2)  # type: ignore[union-attr]
         ev.model = model
-        ev.likelihood = None if likelihood is None else get_likelihood(likelihood)
+        ev.likelihood = lik
         ev.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         ctx = GroupStep(None, {}, params, grads, [{} for _ in params], [1] * len(params), 1, ev, scope=params)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 
 from precond.optimizer import Optimizer
 from precond.recipe import Recipe
+from precond.threads import torch_threads
 
 
 def demo_model(spec: str = "mlp:32,64,10", seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -48,7 +50,8 @@ class Summary:
     params: int
     state_bytes: int
     param_bytes: int
-    ms_per_step: float
+    ms_per_step: float  # median over the timed steps
+    threads: int  # torch CPU threads the steps ran with
     assignment: list[tuple[str, str, str]] = field(default_factory=list)  # (parameter, module type, rule)
 
     @property
@@ -56,8 +59,14 @@ class Summary:
         return self.state_bytes / max(self.param_bytes, 1)
 
 
-def summarize(recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 5) -> Summary:
-    """Assemble ``recipe`` on a demo model, run a few steps, and measure its state and time."""
+def summarize(
+    recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 10, threads: int | None = 1, budget_s: float = 1.0
+) -> Summary:
+    """Assemble ``recipe`` on a demo model, run a few steps, and measure its state and time.
+
+    The time is the median of up to ``steps`` steps (fewer once they took ``budget_s`` seconds: Newton's
+    exact Hessian takes seconds per step) after one or two warm-up steps, with ``threads`` torch CPU
+    threads (1, as ``precond train`` uses by default; ``None`` keeps torch's setting)."""
     from precond.api import assign_rules
 
     if model_spec.startswith("task:"):  # a built-in task's model, data and likelihood
@@ -82,11 +91,22 @@ def summarize(recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 5) 
     rule_of = {p: g["rule"] for g in opt.param_groups for p in g["params"]}
     assignment = [(info.name, type(info.module).__name__, rule_of[p]) for p, info in opt.param_info.items() if p in rule_of]
 
-    opt.step(closure)
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step(closure)
-    ms = (time.perf_counter() - start) * 1000 / steps
+    with torch_threads(threads) as used:
+        times = []
+        warm = 0
+        for _ in range(2):  # warm-up: the first step builds state, hooks and caches; a slow recipe gets one
+            start = time.perf_counter()
+            opt.step(closure)
+            warm += 1
+            if time.perf_counter() - start > budget_s / 4:
+                break
+        spent = 0.0
+        while len(times) < steps and (spent < budget_s or not times):
+            start = time.perf_counter()
+            opt.step(closure)
+            times.append(time.perf_counter() - start)
+            spent += times[-1]
+    ms = 1000 * statistics.median(times) if times else float("nan")
     state_bytes = sum(
         v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
     )
@@ -95,5 +115,5 @@ def summarize(recipe: Recipe, model_spec: str = "mlp:32,64,10", steps: int = 5) 
     hyper = {k: getattr(recipe, k) for k in Recipe.HYPERPARAMETERS}
     return Summary(
         recipe, blocks, hyper, opt.needs.names() or ["gradients only"], sum(p.numel() for p in model.parameters()),
-        state_bytes, param_bytes, ms, assignment,
+        state_bytes, param_bytes, ms, used, assignment,
     )

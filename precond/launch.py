@@ -22,6 +22,9 @@ from typing import Iterator, Sequence
 import torch.distributed as dist
 
 
+GRACE_S = 30.0  # after one process fails, how long the others may take to finish before they are stopped
+
+
 def launched() -> bool:
     """Whether this process is one of several (started by :func:`launch` or torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -50,6 +53,11 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
             if failed or all(c is not None for c in codes):
                 break
             time.sleep(0.05)
+        # a process that stopped with a status of its own (a diverged run: 3) may be ahead of process 0,
+        # which is still writing the results: give the others a moment to finish before stopping them
+        deadline = time.monotonic() + GRACE_S
+        while failed and any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
     except KeyboardInterrupt:
         failed = [130]
     for p in procs:
@@ -70,6 +78,15 @@ def process_group() -> Iterator[int | None]:
         dist.init_process_group("gloo", init_method="env://")
     try:
         yield dist.get_rank()
+    except BaseException as exc:
+        # an exit with a status (SystemExit, typer's Exit): every process ends on the same decision, so wait
+        # until all are here and none leaves while another still exchanges; a crash does not wait
+        if created and (isinstance(exc, SystemExit) or hasattr(exc, "exit_code")):
+            dist.barrier()
+        raise
+    else:
+        if created:
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()

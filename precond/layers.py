@@ -2,7 +2,7 @@
 
 K-FAC approximates the curvature block of a layer ``s = W a (+ b)`` by
 ``A ⊗ G`` with ``A`` built from the layer's inputs ``a`` and ``G`` from the
-gradients ``g = ∂L/∂s`` of its outputs. Conventions (ALGORITHMS.md §13; the
+gradients ``g = ∂L/∂s`` of its outputs. Conventions (docs/algorithms.md#k-fac; the
 loss is the batch mean ``L = (1/M) Σ_m ℓ_m`` over ``M`` samples of the model
 outputs, see :mod:`precond.curvature.common`):
 

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from precond.distributed import Comm
-from precond.block import Curvature, Decay, Direction, GroupStep, Momentum, Needs, Step, Structure, Transform
+from precond.block import Curvature, Decay, Direction, Estimate, GroupStep, Momentum, Needs, Step, Structure, Transform
 from precond.errors import CheckpointError, PipelineError
 from precond.evaluation import Evaluation, evaluate
 from precond.guard import Guard
 from precond.likelihood import get_likelihood
+from precond.likelihood_check import OutputGradient, warn_if_mismatch
 from precond.recipe import Recipe, fingerprint
 
 STATE_VERSION = 1
@@ -167,6 +168,8 @@ class Optimizer(torch.optim.Optimizer):
         self._blocks = self._all_blocks()
         for block in self._blocks:
             block.setup(self)
+        self._refuse_missing_likelihood()  # after the blocks' own checks (which pairs of blocks work at all)
+        self._likelihood_checked = self.likelihood is None  # the first step compares the loss with it
 
     def index_of(self, param: torch.Tensor) -> int:
         """The parameter's position over all param groups: a stable name (e.g. for block owners)."""
@@ -197,7 +200,13 @@ class Optimizer(torch.optim.Optimizer):
         for block in self._blocks:
             block.before_closure(self, step)
         params = self._trainable()
+        captured = None
+        if closure is not None and not self._likelihood_checked:  # once: is the loss the likelihood's?
+            self._likelihood_checked = True
+            closure = captured = OutputGradient(closure)
         ev = evaluate(closure, params, needs, f"recipe '{self.recipe.name}'")
+        if captured is not None:  # from the step's own backward pass: no extra work
+            warn_if_mismatch(self.likelihood, captured, f"recipe '{self.recipe.name}' with likelihood='{self.likelihood.name}'", stacklevel=4)  # type: ignore[union-attr]
         ev.model, ev.likelihood, ev.generator, ev.comm = self.model, self.likelihood, self.generator, self.comm
         if self.comm.active and ev.graph_grads is not None:
             # torch.autograd.grad (for a differentiable gradient) bypasses DDP's reducer: average here
@@ -252,17 +261,26 @@ class Optimizer(torch.optim.Optimizer):
         return self.guard.check([g for c in ctxs for g in c.grads], lambda i: f"non-finite gradient in {self._name(params[i])}")
 
     def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]]) -> str | None:
-        """The fresh estimates, averaged over the processes where they come from local data, then checked."""
-        fresh = [(ctx, pipe, pipe.structure.estimates(ctx, pipe.curvature)) for ctx, pipe in due]  # type: ignore[union-attr,arg-type]
+        """The fresh estimates, averaged over the processes where they come from local data, then checked.
+
+        Each estimate says what it is (:class:`precond.block.Estimate`): a structure may keep several per
+        parameter (Kronecker factors, secant pairs) or one for several parameters (a dense block).
+        """
+        fresh = [(ctx, pipe, _estimates(pipe.structure.estimates(ctx, pipe.curvature), len(ctx.params))) for ctx, pipe in due]  # type: ignore[union-attr,arg-type]
         if self.comm.active:
-            self.comm.mean_([t for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.structure) for t in est])  # type: ignore[union-attr,arg-type]
+            self.comm.mean_([e.tensor for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.structure) for e in est])  # type: ignore[union-attr,arg-type]
         for ctx, pipe, est in fresh:
-            problem = self.guard.check(
-                est, lambda i: f"curvature '{pipe.curvature.name}' is non-finite for {self._name(ctx.params[i])}"  # type: ignore[union-attr]  # noqa: B023
-            )
+            problem = self.guard.check([e.tensor for e in est], lambda i: self._describe_estimate(ctx, pipe, est[i]))  # noqa: B023
             if problem:
                 return problem
         return None
+
+    def _describe_estimate(self, ctx: GroupStep, pipe: Pipeline, estimate: Estimate) -> str:
+        """``curvature 'x' is non-finite for parameter 'fc1.weight' (Kronecker factor 0 of 2, dims 256)``."""
+        params = [ctx.params[i] for i in estimate.params if 0 <= i < len(ctx.params)]
+        who = self._names(params)
+        where = f"{estimate.part}, in structure '{pipe.structure.name}'" if estimate.part else f"structure '{pipe.structure.name}'"  # type: ignore[union-attr]
+        return f"curvature '{pipe.curvature.name}' is non-finite for {who} ({where})"  # type: ignore[union-attr]
 
     def _check_updates(self, ctxs: list[GroupStep], pipes: list[Pipeline], directions: list[Direction]) -> str | None:
         """Statistics advanced already (from finite inputs); a non-finite update leaves the parameters."""
@@ -279,6 +297,26 @@ class Optimizer(torch.optim.Optimizer):
             if problem:
                 return problem
         return None
+
+    def _refuse_missing_likelihood(self) -> None:
+        """At build time, not at the first step that needs it: a block that needs a likelihood (labels
+        sampled from the model, the loss Hessian in the outputs) and none was given."""
+        if self.likelihood is not None:
+            return
+        used = {g["rule"] for g in self.param_groups}
+        for rule, pipe in self.pipelines.items():
+            blocks = ([self.step_control] if rule == DEFAULT_RULE else []) + (pipe.blocks() if rule in used else [])
+            for block in blocks:
+                if not block.needs().likelihood:
+                    continue
+                sub = self.recipe if rule == DEFAULT_RULE else next(r.recipe for r in self.recipe.rules if r.name == rule)  # type: ignore[attr-defined]
+                where = f"recipe '{self.recipe.name}'" + (f", rule '{rule}' (recipe '{sub.name}')" if rule != DEFAULT_RULE else "")
+                raise PipelineError(
+                    f"{where}: {block.kind} '{block.name}' needs a likelihood, the distribution the model predicts "
+                    "(it samples labels from the model or uses the loss's Hessian in the outputs). Pass "
+                    "likelihood='categorical' to precond.build for a cross-entropy loss (F.cross_entropy), or "
+                    "likelihood='gaussian' for squared error (F.mse_loss)"
+                )
 
     # --- several processes (precond.distributed) -----------------------------------------
 
@@ -320,14 +358,29 @@ class Optimizer(torch.optim.Optimizer):
                 )
 
     def _name(self, p: torch.Tensor) -> str:
+        label = self._label(p)
+        return f"parameter {label}" if label else "a parameter"
+
+    def _label(self, p: torch.Tensor) -> str:
+        """``'fc1.weight'`` (with a model) or ``3 of param group 0``; empty if the optimizer does not hold ``p``."""
         info = self.param_info.get(p)
         if info is not None:
-            return f"parameter '{info.name}'"
+            return f"'{info.name}'"
         for i, g in enumerate(self.param_groups):
             for j, q in enumerate(g["params"]):
                 if q is p:
-                    return f"parameter {j} of param group {i}"
-        return "a parameter"
+                    return f"{j} of param group {i}"
+        return ""
+
+    def _names(self, params: list[torch.Tensor], most: int = 4) -> str:
+        """``parameter 'a'``, or ``parameters 'a', 'b' and 3 more``."""
+        if len(params) == 1:
+            return self._name(params[0])
+        if not params:
+            return "no known parameter"
+        labels = [self._label(p) or "?" for p in params[:most]]
+        more = f" and {len(params) - most} more" if len(params) > most else ""
+        return f"parameters {', '.join(labels)}{more}"
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -396,7 +449,12 @@ class Optimizer(torch.optim.Optimizer):
         """Load a checkpoint; every check runs before anything changes.
 
         Unlike torch, floating-point state keeps its own dtype (a float32
-        curvature factor of a bfloat16 parameter stays float32).
+        curvature factor of a bfloat16 parameter stays float32). A
+        ``torch.optim`` state_dict (no ``"precond"`` section) of Adam, AdamW,
+        SGD or Adagrad is converted when this optimizer's recipe equals that
+        torch optimizer with the same hyperparameters (``lr`` and
+        ``weight_decay`` are carried over per param group); anything else is
+        refused with :class:`CheckpointError` (:mod:`precond.torch_state`).
         """
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -414,6 +472,18 @@ class Optimizer(torch.optim.Optimizer):
                 raise CheckpointError(
                     f"param group {i}: the checkpoint has {len(sg['params'])} parameters, this optimizer has {len(g['params'])}"
                 )
+        if extra is None:  # a torch.optim state_dict: converted for the recipes that equal one, else refused
+            from precond.torch_state import from_torch
+
+            converted, saved_groups, steps = from_torch(self, state_dict)
+            state_dict = {**state_dict, "state": converted, "param_groups": saved_groups}
+            extra = {
+                "blocks": fingerprint(self.recipe),
+                "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+                "global_step": steps,
+                "generator": self.generator.get_state(),
+                "nonfinite": self.guard.state_dict(),
+            }
         if extra is not None:
             if extra.get("blocks") != fingerprint(self.recipe):
                 raise CheckpointError(
@@ -452,6 +522,20 @@ class Optimizer(torch.optim.Optimizer):
             self.guard.load_state_dict(extra.get("nonfinite", {}))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _estimates(items: list[Any], n: int) -> list[Estimate]:
+    """A structure's estimates as records; a plain tensor (a structure written before :class:`Estimate`)
+    belongs to the parameter at its position when there is one per parameter, else to none named."""
+    out = []
+    for i, e in enumerate(items):
+        if isinstance(e, Estimate):
+            out.append(e)
+        elif len(items) == n:
+            out.append(Estimate(e, (i,)))
+        else:
+            out.append(Estimate(e, (), f"estimate {i} of {len(items)}"))
+    return out
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -13,18 +13,19 @@ key so an error can say exactly where it is and what would work.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from precond import registry
 from precond.block import KINDS, Block
-from precond.errors import Problem, RecipeError
+from precond.errors import Problem, RecipeCombinationError, RecipeError, field_of, file_order
 
 MAX_RECIPE_BYTES = 1_000_000
 MAX_YAML_NODES = 100_000  # guards against alias bombs ("billion laughs")
@@ -157,50 +158,124 @@ def _reset() -> None:
 registry.on_change(_reset)
 
 
-def _check_combination(recipe: Recipe) -> Recipe:
-    """Cross-block rules: which pairs make sense (DESIGN.md's estimator x structure table)."""
-    curvature, structure = recipe.curvature, recipe.structure  # type: ignore[attr-defined]
-    if curvature is not None and structure is None:
-        raise PydanticCustomError(
-            "recipe_combination",
-            "curvature '{curvature}' has nowhere to go: add a structure that it can fill ({fills})",
-            {"path": "curvature", "curvature": curvature.name, "fills": ", ".join(sorted(curvature.fills)) or "none"},
-        )
-    if structure is not None and curvature is None:
-        raise PydanticCustomError(
-            "recipe_combination",
-            "structure '{structure}' needs a curvature block to fill it (e.g. curvature: {{type: empirical_fisher}})",
-            {"path": "structure", "structure": structure.name},
-        )
-    if curvature is not None and structure.form not in curvature.fills:
-        fillers = sorted(n for n, c in registry.blocks("curvature").items() if structure.form in c.fills)
-        raise PydanticCustomError(
-            "recipe_combination",
-            "curvature '{curvature}' cannot fill a '{form}' structure; it fills: {fills}. "
-            "Curvatures that fill '{form}': {fillers}",
-            {
-                "path": "structure",
-                "curvature": curvature.name,
-                "form": structure.form,
-                "fills": ", ".join(sorted(curvature.fills)) or "nothing",
-                "fillers": ", ".join(fillers) or "none",
-            },
-        )
-    for i, transform in enumerate(recipe.transform):  # type: ignore[attr-defined]
-        if transform.spectral and structure is None:
-            raise PydanticCustomError(
-                "recipe_combination",
-                "transform '{name}' is a function of the curvature, but the recipe has no curvature/structure; "
-                "add them (e.g. curvature: {{type: empirical_fisher}}, structure: {{type: diagonal}}) or use "
+class _Invalid:
+    """Stands for a block that is not valid (unknown type, bad fields): checks that need it are skipped."""
+
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+INVALID: Any = _Invalid()
+
+# validation context key: validate() collects the cross-block problems itself (all of them, with the
+# problems of the fields) instead of the model validator raising the first one
+_COLLECT = "precond_collect_combinations"
+
+
+@dataclass(frozen=True)
+class PipelineView:
+    """One pipeline of a recipe -- its own, or a rule's -- as a cross-block check sees it.
+
+    A block is a Block, ``None`` (absent) or :data:`INVALID` (reported elsewhere). ``path`` is the
+    dotted prefix of the pipeline's blocks in the recipe (``""`` for the recipe's own,
+    ``"rules.0.recipe."`` for a rule's) and ``label`` names it in messages.
+    """
+
+    curvature: Any
+    structure: Any
+    transforms: tuple[Any, ...]
+    momentum: Any
+    decay: Any
+    path: str = ""
+    label: str = "the recipe"
+
+    def known(self) -> bool:
+        """Every block is valid (or absent)."""
+        return INVALID not in (self.curvature, self.structure, self.momentum, self.decay, *self.transforms)
+
+    @classmethod
+    def of(cls, recipe: Recipe, path: str = "", label: str = "the recipe") -> PipelineView:
+        return cls(recipe.curvature, recipe.structure, tuple(recipe.transform), recipe.momentum,  # type: ignore[attr-defined]
+                   recipe.decay, path, label)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The blocks of a recipe for the cross-block checks (see PipelineView); ``rules()`` is lazy:
+    only a step control that spans the rules asks for them."""
+
+    own: PipelineView
+    step: Any
+    rules: Callable[[], list[PipelineView | Any]]
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> _Parts:
+        def rules() -> list[PipelineView | Any]:
+            return [PipelineView.of(r.recipe, f"rules.{i}.recipe.", f"rule '{r.name}'")
+                    for i, r in enumerate(recipe.rules)]  # type: ignore[attr-defined]
+
+        return cls(PipelineView.of(recipe), recipe.step, rules)  # type: ignore[attr-defined]
+
+
+def _combination_problems(parts: _Parts) -> list[tuple[str, str, bool]]:
+    """Cross-block rules: which blocks make sense together (the estimator x structure table of
+    docs/algorithms.md#curvature-estimators).
+
+    ``(path, message, moved)`` for every problem among the valid blocks; ``moved``: a check
+    blocks used to make when the optimizer was built (a PipelineError then), see
+    :class:`precond.errors.RecipeCombinationError`. A check that needs an invalid block is skipped.
+    """
+    out: list[tuple[str, str, bool]] = []
+    own = parts.own
+    curvature, structure = own.curvature, own.structure
+    if curvature is not INVALID and structure is not INVALID:
+        if curvature is not None and structure is None:
+            out.append(("curvature", f"curvature '{curvature.name}' has nowhere to go: add a structure that it can fill "
+                        f"({', '.join(sorted(curvature.fills)) or 'none'})", False))
+        elif structure is not None and curvature is None:
+            out.append(("structure", f"structure '{structure.name}' needs a curvature block to fill it "
+                        "(e.g. curvature: {type: empirical_fisher})", False))
+        elif curvature is not None and structure.form not in curvature.fills:
+            fillers = sorted(n for n, c in registry.blocks("curvature").items() if structure.form in c.fills)
+            out.append((
+                "structure",
+                f"curvature '{curvature.name}' cannot fill a '{structure.form}' structure; it fills: "
+                f"{', '.join(sorted(curvature.fills)) or 'nothing'}. Curvatures that fill '{structure.form}': "
+                f"{', '.join(fillers) or 'none'}",
+                False,
+            ))
+        elif curvature is not None:
+            check = getattr(structure, "recipe_problems", None)  # what else the structure needs of its curvature
+            if callable(check):
+                out.extend((path, message, True) for path, message in check(curvature))
+    for i, transform in enumerate(own.transforms):
+        if transform is INVALID or not transform.spectral or structure is INVALID:
+            continue
+        if structure is None and curvature is None:
+            out.append((
+                f"transform.{i}",
+                f"transform '{transform.name}' is a function of the curvature, but the recipe has no curvature/structure; "
+                "add them (e.g. curvature: {type: empirical_fisher}, structure: {type: diagonal}) or use "
                 "transform: identity",
-                {"path": f"transform.{i}", "name": transform.name},
-            )
-        if transform.spectral and structure is not None and not structure.supports(transform):
-            raise PydanticCustomError(
-                "recipe_combination",
-                "structure '{structure}' cannot apply transform '{name}'",
-                {"path": f"transform.{i}", "name": transform.name, "structure": structure.name},
-            )
+                False,
+            ))
+        elif structure is not None and not structure.supports(transform):
+            out.append((f"transform.{i}", f"structure '{structure.name}' cannot apply transform '{transform.name}'", False))
+    step = parts.step
+    check = getattr(step, "recipe_problems", None)  # what the step control needs of every pipeline
+    if step is not INVALID and callable(check):
+        for view in [own, *parts.rules()]:
+            if isinstance(view, PipelineView) and view.known():
+                out.extend((view.path + path, message, True) for path, message in check(view))
+    return out
+
+
+def _check_combination(recipe: Recipe, info: ValidationInfo) -> Recipe:
+    """The model validator: the first cross-block problem (``validate`` collects them all itself)."""
+    if (info.context or {}).get(_COLLECT):
+        return recipe
+    for path, message, _ in _combination_problems(_Parts.of(recipe)):
+        raise PydanticCustomError("recipe_combination", message, {"path": path})
     return recipe
 
 
@@ -502,16 +577,133 @@ def validate(
         got = type(data).__name__ if data is not None else "nothing"
         raise RecipeError([Problem(str(locations.get((), source)), "", f"a recipe is a mapping (key: value lines), got {got}")], source)
     _apply_overrides(data, locations, hyper, set)
-    _check_types(data, locations, source)
+    # every problem in one pass: unknown block types, then the fields of everything else, then the
+    # cross-block checks among the valid blocks; reported together, in file order
+    problems, unknown = _check_types(data, locations, source)
+    clean = _without(data, unknown)
+    recipe: Recipe | None = None
     try:
-        return recipe_model().model_validate(data)
+        recipe = recipe_model().model_validate(clean, context={_COLLECT: True})
     except ValidationError as exc:
-        raise RecipeError([_problem(e, data, locations, source) for e in exc.errors()], source) from None
+        problems.extend(_problem(e, clean, locations, source) for e in exc.errors())
+    parts = _Parts.of(recipe) if recipe is not None else _parts_of_data(clean, unknown)
+    moved = False
+    for path, message, was_pipeline_error in _combination_problems(parts):
+        problems.append(_combination_problem(path, message, clean, locations, source))
+        moved = moved or was_pipeline_error
+    if problems:
+        raise (RecipeCombinationError if moved else RecipeError)(file_order(problems), source)
+    assert recipe is not None
+    _ORIGINS.remember(recipe, locations, source)
+    return recipe
 
 
-def _check_types(data: dict[str, Any], locations: Locations, source: str) -> None:
-    """Unknown or missing block ``type``: say so with the registered names, before pydantic."""
+def _without(data: dict[str, Any], unknown: set[tuple[Any, ...]]) -> dict[str, Any]:
+    """``data`` without the blocks whose type is unknown or missing (a transform in a list becomes
+    ``identity`` so that the others keep their index; nothing of it is checked further)."""
+    if not unknown:
+        return data
+    clean = dict(data)
+    for path in unknown:
+        if len(path) == 1:
+            clean.pop(path[0], None)
+        else:
+            kind, i = path
+            clean[kind] = list(clean[kind])
+            clean[kind][i] = {"type": "identity"}
+    return clean
+
+
+def _parts_of_data(data: dict[str, Any], unknown: set[tuple[Any, ...]]) -> _Parts:
+    """The blocks for the cross-block checks when the recipe as a whole did not validate: each
+    block validated on its own (INVALID if it does not, or its type is unknown)."""
+
+    def block(kind: str, entry: Any, path: tuple[Any, ...]) -> Any:
+        if path in unknown:
+            return INVALID
+        if entry is None:
+            return registry.get(kind, {"step": "lr", "decay": "l2"}[kind])() if kind in ("step", "decay") else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            return INVALID
+        try:
+            return registry.get(kind, entry["type"]).model_validate(entry)
+        except (KeyError, ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+            return INVALID
+
+    entries = data.get("transform")
+    if entries is None:
+        transforms: tuple[Any, ...] = ()
+    elif isinstance(entries, dict):
+        transforms = (block("transform", entries, ("transform",)),)
+    elif isinstance(entries, list):
+        transforms = tuple(block("transform", e, ("transform", i)) if e is not None else INVALID for i, e in enumerate(entries))
+    else:
+        transforms = (INVALID,)
+    own = PipelineView(*(block(k, data.get(k), (k,)) for k in ("curvature", "structure")), transforms,
+                       *(block(k, data.get(k), (k,)) for k in ("momentum", "decay")))
+
+    def rules() -> list[PipelineView | Any]:
+        items = data.get("rules")
+        if not isinstance(items, list):
+            return []
+        out: list[PipelineView | Any] = []
+        for i, item in enumerate(items):
+            try:
+                rule = Rule.model_validate(item)
+            except (ValueError, TypeError):
+                out.append(INVALID)
+                continue
+            out.append(PipelineView.of(rule.recipe, f"rules.{i}.recipe.", f"rule '{rule.name}'"))
+        return out
+
+    return _Parts(own, block("step", data.get("step"), ("step",)), rules)
+
+
+def _combination_problem(path: str, message: str, data: dict[str, Any], locations: Locations, source: str) -> Problem:
+    parts = tuple(int(p) if p.isdigit() else p for p in path.split(".") if p)
+    if len(parts) >= 2 and parts[0] == "transform" and isinstance(data.get("transform"), dict):
+        parts = parts[:1] + parts[2:]  # a single transform written as a mapping: transform.0.x is transform.x
+    return Problem(str(_locate(parts, locations, source)), _dotted(parts), message)
+
+
+class _Origins:
+    """Where each validated recipe was written (its key locations), kept beside the frozen recipe
+    (not a field: recipes compare equal by content) for messages that come later, e.g. the
+    warnings about rule patterns that match nothing in the model."""
+
+    def __init__(self) -> None:
+        self._table: dict[int, tuple[Locations, str]] = {}
+
+    def remember(self, recipe: Recipe, locations: Locations, source: str) -> None:
+        key = id(recipe)
+        if key not in self._table:
+            weakref.finalize(recipe, self._table.pop, key, None)
+        self._table[key] = (locations, source)
+
+    def locate(self, recipe: Recipe, path: tuple[Any, ...]) -> str:
+        """``file:line:column`` of ``path`` in the recipe's file (or the nearest enclosing key), else ''."""
+        entry = self._table.get(id(recipe))
+        if entry is None:
+            return ""
+        locations, source = entry
+        return str(_locate(path, locations, source))
+
+
+_ORIGINS = _Origins()
+
+
+def location_of(recipe: Recipe, path: tuple[Any, ...]) -> str:
+    """Where ``path`` (e.g. ``("rules", 0, "match", "modules", 1)``) is written in the recipe's
+    file: ``file:line:column``, the source's name when the line is not known, '' if unknown."""
+    return _ORIGINS.locate(recipe, path)
+
+
+def _check_types(data: dict[str, Any], locations: Locations, source: str) -> tuple[list[Problem], set[tuple[Any, ...]]]:
+    """Unknown or missing block ``type``: say so with the registered names, before pydantic.
+
+    Returns the problems and the paths of those blocks (their fields are not checked further)."""
     problems = []
+    unknown: set[tuple[Any, ...]] = set()
     for kind in KINDS:
         entries = data.get(kind)
         items = entries if isinstance(entries, list) and kind == "transform" else [entries]
@@ -523,20 +715,22 @@ def _check_types(data: dict[str, Any], locations: Locations, source: str) -> Non
             known = registry.names(kind)
             if isinstance(entry, str):  # shorthand `momentum: ema` is not allowed; say what is
                 problems.append(Problem(where, _dotted(path), f"expected a mapping with a 'type', e.g. {{type: {entry}}}"))
+                unknown.add(path)
                 continue
             if not isinstance(entry, dict):
                 continue
             name = entry.get("type")
             if name is None:
                 problems.append(Problem(where, _dotted(path), f"missing 'type'; {kind} types: {', '.join(known)}"))
+                unknown.add(path)
             elif not isinstance(name, str) or name not in known:
                 hint = registry.suggest(str(name), known)
                 problems.append(
                     Problem(str(_locate(path + ("type",), locations, source)), _dotted(path + ("type",)),
                             f"unknown {kind} type {name!r}{hint}; registered {kind} types: {', '.join(known)}")
                 )
-    if problems:
-        raise RecipeError(problems, source)
+                unknown.add(path)
+    return problems, unknown
 
 
 def _locate(path: tuple[Any, ...], locations: Locations, source: str) -> Loc:
@@ -590,11 +784,12 @@ def _problem(error: Mapping[str, Any], data: dict[str, Any], locations: Location
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind == "recipe_combination":
-        path = tuple(int(p) if p.isdigit() else p for p in str(ctx.get("path", "")).split(".") if p)
-        if len(path) >= 2 and path[0] == "transform" and isinstance(data.get("transform"), dict):
-            path = path[:1]
-        return Problem(str(_locate(path, locations, source)), _dotted(path), error["msg"])
+        return _combination_problem(str(ctx.get("path", "")), error["msg"], data, locations, source)
     path = _data_path(tuple(error["loc"]), data)
+    field = field_of(error)  # a block validator's error about one of its fields: located at that key
+    if field is not None:
+        path = path + (field,)
+        return Problem(str(_locate(path, locations, source)), _dotted(path), error["msg"])
     where = str(_locate(path, locations, source))
     dotted = _dotted(path)
     if kind == "extra_forbidden":

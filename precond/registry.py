@@ -135,9 +135,9 @@ def names(kind: str) -> list[str]:
     return sorted(blocks(kind))
 
 
-def suggest(word: str, options: list[str]) -> str:
-    """' (did you mean 'x'?)' or '' — for error messages."""
-    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+def suggest(word: str, options: list[str], cutoff: float = 0.5) -> str:
+    """' (did you mean 'x'?)' or '' — for error messages (``cutoff``: difflib's similarity, 0 to 1)."""
+    close = difflib.get_close_matches(word, options, n=3, cutoff=cutoff)
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

@@ -25,6 +25,9 @@ Conventions
   recorded for step ``k`` is the first loss the closure computed in that
   step, i.e. the minibatch loss at the parameters *before* update ``k``
   (line searches may evaluate the closure more often; only the first counts).
+  On several processes it is the loss of the global minibatch: the
+  processes' first losses, weighted by their rows (an all-reduce after the
+  timed step).
 * Wall-clock is training time only: fetching the batch plus
   ``optimizer.step``, measured with ``time.perf_counter``; evaluations are
   not timed. ``ms_per_step`` is the mean over all steps (amortised work such
@@ -318,6 +321,7 @@ class _Run:
         self.label = label
         self.seed = int(seed)
         self.task = build_task(task_name, seed=self.seed, dtype=dtype, short=short)
+        self.distributed = distributed
         if distributed:
             _distribute(self.task)
         self.steps = int(steps if steps is not None else self.task.default_steps)
@@ -375,17 +379,20 @@ class _Run:
     def step(self) -> int:
         return len(self.losses)
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, agree: bool = True) -> None:
+        failure: tuple[str, str] | None = None
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self.rng_state)
             try:
                 metrics = {k: float(v) for k, v in self.task.evaluate().items()}
             except Exception as exc:  # noqa: BLE001  (a broken model must not lose the run)
                 metrics = {self.task.metric: math.nan}
-                if self.status == "running":
-                    self.status = "error"
-                    self.message = f"evaluation failed after step {self.step}: {type(exc).__name__}: {exc}"
-                    self.traceback = tb.format_exc()
+                failure = (f"evaluation failed after step {self.step}: {type(exc).__name__}: {exc}", tb.format_exc())
+        if self.distributed and agree:
+            metrics, failure = _agree_on_evaluation(metrics, failure, self.step)
+        if failure is not None and self.status == "running":
+            self.status = "error"
+            self.message, self.traceback = failure
         entry = {"step": self.step, "wall_time_s": self.elapsed, **metrics}
         self.evals.append(entry)
         if self.steps_to_target is None and self.task.reached(metrics.get(self.task.metric, math.nan)):
@@ -402,11 +409,14 @@ class _Run:
 
         returned = None
         error: BaseException | None = None
+        rows: int | None = 0
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self.rng_state)
             start = time.perf_counter()
             try:
                 batch = next(self.batches)
+                if self.distributed:
+                    rows = _part_rows(batch)
 
                 def closure():
                     out = task.closure(batch)
@@ -426,15 +436,19 @@ class _Run:
             self.rng_state = torch.get_rng_state()
 
         self.elapsed += dt
+        loss: float | None = None
+        failure: str | None = None
         if error is not None:
+            failure = f"error at step {k}: {type(error).__name__}: {error}"
+        else:
+            loss = _as_float(first[0]) if first else _as_float(returned)
+            if loss is None:
+                failure = f"error at step {k}: optimizer.step(closure) neither called the closure nor returned a loss"
+        if self.distributed:  # untimed: the global batch's loss and any process's failure, on every process
+            loss, failure, self.traceback = _global_loss(loss, rows, failure, self.traceback)
+        if failure is not None:
             self.status = "error"
-            self.message = f"error at step {k}: {type(error).__name__}: {error}"
-            self._finish_evals()
-            return
-        loss = _as_float(first[0]) if first else _as_float(returned)
-        if loss is None:
-            self.status = "error"
-            self.message = f"error at step {k}: optimizer.step(closure) neither called the closure nor returned a loss"
+            self.message = failure
             self._finish_evals()
             return
         self.losses.append(loss)
@@ -478,7 +492,9 @@ class _Run:
         if not self.done:
             self.status = "interrupted"
             self.message = f"interrupted after step {self.step}"
-            self._finish_evals()
+            # no collective here: the processes may have been interrupted at different points
+            if not self.evals or self.evals[-1]["step"] != self.step:
+                self._evaluate(agree=False)
 
     def result(self) -> RunResult:
         times = self.step_times
@@ -541,6 +557,85 @@ def _distribute(task: TaskInstance) -> None:
 
     task.train_batches = lambda: (part(batch) for batch in make())
     task.info = {**task.info, "processes": world}
+
+
+def _part_rows(batch: Any) -> int | None:
+    """The rows of this process's part of a minibatch (the first dimension of its first tensor that
+    :func:`_distribute` splits); None when nothing was split (every process holds the whole batch)."""
+    if isinstance(batch, torch.Tensor) and batch.dim() > 0:
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)):
+        for value in batch:
+            rows = _part_rows(value)
+            if rows is not None:
+                return rows
+    return None
+
+
+def _global_loss(
+    loss: float | None, rows: int | None, failure: str | None, trace: str | None
+) -> tuple[float | None, str | None, str | None]:
+    """The step's loss on the global batch and whether any process failed, the same on every process.
+
+    One all-reduce of three float64 numbers per step (outside the timed region): ``rows * loss``,
+    ``rows`` and a failure flag, summed. The closures' losses are means over their rows, so the
+    row-weighted mean of the processes' losses is the loss one process gets on the whole batch, also
+    when ``tensor_split`` cuts unequal parts (``rows`` None: the batch was not split, every process
+    has all of it, weight 1). A non-finite loss on any process makes the global one non-finite. On a
+    failure (once, then the run stops) every process adopts the message and traceback of the first
+    failing process. Returns ``(loss, failure, traceback)``.
+    """
+    import torch.distributed as dist
+
+    weight = 1.0 if rows is None else float(rows)
+    ok = failure is None and loss is not None
+    buf = torch.tensor(
+        [weight * loss if ok and weight else 0.0, weight if ok else 0.0, 0.0 if ok else 1.0], dtype=torch.float64
+    )
+    dist.all_reduce(buf)
+    total, weights, failed = buf.tolist()
+    if not failed:
+        return (total / weights if weights else math.nan), None, trace
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (failure, trace))
+    rank, (message, trace) = next((r, g) for r, g in enumerate(gathered) if g[0] is not None)
+    if rank != dist.get_rank():
+        message = f"{message} (on process {rank})"
+    return None, message, trace
+
+
+def _same_metrics(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def _agree_on_evaluation(
+    metrics: dict[str, float], failure: tuple[str, str] | None, step: int
+) -> tuple[dict[str, float], tuple[str, str] | None]:
+    """Every process evaluates its replica of the model on the task's whole data (the same data on every
+    process): the figures must be identical. Every process adopts process 0's figures and the first
+    failure, so all take the same decisions (target reached, error); process 0 warns if a replica's
+    figures differ (replicas that drifted apart)."""
+    import warnings
+
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (metrics, failure))
+    ref = gathered[0][0]
+    if dist.get_rank() == 0:
+        differ = [r for r, (m, f) in enumerate(gathered) if f is None and not _same_metrics(m, ref)]
+        if differ:
+            warnings.warn(
+                f"after step {step} the evaluation on process(es) {differ} differs from process 0's "
+                f"({[gathered[r][0] for r in differ]} vs {ref}): the model replicas drifted apart; "
+                "process 0's figures are used",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    failed = next(((r, f) for r, (_, f) in enumerate(gathered) if f is not None), None)
+    if failed is not None and failed[0] != dist.get_rank():
+        failure = (f"{failed[1][0]} (on process {failed[0]})", failed[1][1])
+    return dict(ref), failure
 
 
 class _Progress:
@@ -628,7 +723,11 @@ def train(
     ``distributed``: this process is one of several in an initialised
     ``torch.distributed`` process group; the model trains under
     ``DistributedDataParallel`` and each process takes its share of every
-    minibatch (``precond train --nproc N``). Losses are this process's.
+    minibatch (``precond train --nproc N``). Every process records the
+    loss of the global batch (the processes' losses weighted by their rows,
+    one untimed all-reduce per step) and process 0's evaluations, so all
+    take the same decisions (divergence, target, errors) and every figure
+    but the timings equals the one-process run's to round-off.
 
     ``steps``/``eval_every`` default to the task's hints; ``short`` builds the
     task's tiny test-mode variant; ``threads`` sets ``torch.set_num_threads``

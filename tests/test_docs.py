@@ -1,4 +1,4 @@
-"""docs/recipes.md and docs/recipe.schema.json are generated from the registry and must not drift;
+"""docs/recipes.md and recipes/recipe.schema.json are generated from the registry and must not drift;
 the worked example in docs/recipes.md builds and trains."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def test_recipes_md_is_generated_from_the_registry() -> None:
 
 
 def test_schema_json_is_generated_from_the_registry() -> None:
-    committed = (ROOT / "docs" / "recipe.schema.json").read_text(encoding="utf-8")
-    assert committed == docs.schema_json(), "docs/recipe.schema.json is stale: run `python -m precond.docs`"
+    committed = (ROOT / "recipes" / "recipe.schema.json").read_text(encoding="utf-8")
+    assert committed == docs.schema_json(), "recipes/recipe.schema.json is stale: run `python -m precond.docs`"
 
 
 def test_recipes_md_covers_every_block_and_recipe() -> None:

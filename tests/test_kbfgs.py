@@ -1,4 +1,4 @@
-"""K-BFGS / K-BFGS(L): a transcription of the algorithm (ALGORITHMS.md §14, Goldfarb, Ren & Bahamou 2020),
+"""K-BFGS / K-BFGS(L): a transcription of the algorithm (docs/algorithms.md#k-bfgs, Goldfarb, Ren & Bahamou 2020),
 the secant equations and the damping inequalities (float64)."""
 
 from __future__ import annotations

@@ -369,7 +369,7 @@ def test_kl_clipped_step_has_the_budgeted_fisher_norm() -> None:
         assert torch.allclose(p.detach() - b, s / nu, atol=1e-12, rtol=0)
 
 
-# --- K-FAC as alecwangcq/KFAC-Pytorch computes it, transcribed from ALGORITHMS.md §13 ---------------
+# --- K-FAC as alecwangcq/KFAC-Pytorch computes it (equations: docs/algorithms.md#k-fac) -------------
 
 
 def kfac_reference(model, batches, steps, lr, damping, decay=0.95, momentum=0.9, kl_clip=1e-3, seed=0):

@@ -21,8 +21,21 @@ def test_readme_opens_with_two_setup_commands() -> None:
     first_block = text.index("```")
     assert text[:first_block].strip() == "# precond"
     main, tests = readme_commands()
-    assert "torch==2.13.0" in main and "precond " in main
-    assert "torch==2.13.0" in tests and "pytest" in tests
+    assert "precond compare" in main and "[cli]" in main
+    assert "-c constraints.txt" in tests and "[test]" in tests and "pytest" in tests
+
+
+def test_the_lock_pins_every_package_of_the_test_environment() -> None:
+    """constraints.txt pins exact versions (no ranges), torch among them, and nothing of precond itself."""
+    lines = [ln for ln in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+    names = set()
+    for line in lines:
+        spec, _, marker = line.partition(";")
+        name, sep, version = spec.strip().partition("==")
+        assert sep and version and not any(c in version for c in "<>*,+"), line
+        names.add(name.lower().replace("_", "-"))
+    assert {"torch", "pydantic", "pyyaml", "pytest", "scipy", "numpy"} <= names
+    assert "precond" not in names
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -41,7 +54,7 @@ def test_wheel_ships_the_recipes(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).name for n in names if n.startswith("precond/recipes/")}
-    assert shipped == {p.name for p in (ROOT / "recipes").glob("*.yaml")}
+    assert shipped == {p.name for p in (ROOT / "recipes").glob("*.yaml")} | {"recipe.schema.json"}
     assert "precond/optimizer.py" in names
     # an installed copy finds the recipes inside the package
     target = tmp_path / "site"

@@ -40,6 +40,11 @@ BAD = {
     "spectral_without_structure": ("name: x\ntransform: {type: inverse}\n", r"transform 'inverse' is a function of the curvature", "2:1"),
     "nesterov_without_momentum": ("name: x\nmomentum: {type: heavy_ball, beta: 0, nesterov: true}\n", r"nesterov momentum requires beta > 0 and dampening = 0$", "2:1"),
     "duplicate_key": ("name: x\nlr: 1\nlr: 2\n", r"duplicate key", "3:1"),
+    "wolfe_order": ("name: x\nstep: {type: line_search, c1: 0.95, c2: 0.1}\n",
+                    r"step\.c1: c1 = 0\.95 and c2 = 0\.1: the strong Wolfe conditions need 0 < c1 < c2 < 1", "2:27"),
+    "tiny_root": (GOOD.replace("p: 2", "p: 1.0e-320"), r"transform\.p: expected greater than or equal to 0\.25", "5:33"),
+    "denormal_damping": (GOOD.replace("damping: 1.0e-8", "damping: 1.0e-320"), r"transform\.damping: damping = .* is below the smallest normal float32", "5:39"),
+    "lm_without_full": (GOOD + "step: {type: lm}\n", r"step: step 'lm' adapts the damping of transform 'inverse' on structure 'full'", "6:1"),
     "alias_bomb": (
         "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
             f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef")

@@ -42,7 +42,7 @@ class GaussNewton(Curvature):
         return True
 
     def needs(self) -> Needs:
-        return Needs(outputs=True)
+        return Needs(outputs=True, likelihood=True)  # the likelihood's Hessian in the outputs (or sampled labels)
 
     def _factor(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         ev = ctx.evaluation

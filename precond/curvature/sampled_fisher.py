@@ -48,7 +48,7 @@ class SampledFisher(Curvature):
         return True
 
     def needs(self) -> Needs:
-        return Needs(outputs=True)
+        return Needs(outputs=True, likelihood=True)  # labels are sampled from the likelihood
 
     def reduce_estimates(self, structure: Any) -> bool:
         return self.form == "per_sample" or structure.form == "kronecker"  # the batch form averages ĝ itself

@@ -1,4 +1,5 @@
-"""Quasi-Newton curvature from secant pairs ``s = θ₊ − θ``, ``y = g₊ − g`` (ALGORITHMS.md §6, §7).
+"""Quasi-Newton curvature from secant pairs ``s = θ₊ − θ``, ``y = g₊ − g``
+(docs/algorithms.md#quasi-newton-updates).
 
 The block remembers the previous parameters and gradient (per-parameter
 state) and, on each refresh, forms the pair of the last move. It does not
@@ -26,7 +27,7 @@ sees, after ``l2`` weight decay.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import torch
 from pydantic import Field, model_validator
@@ -103,8 +104,18 @@ class Secant(Curvature):
 
     # --- pairs --------------------------------------------------------------------------
 
-    def observe(self, ctx: GroupStep) -> SecantStep:
-        """The pair since the last refresh over ``ctx.params`` (flattened), and remember this point."""
+    def reduce_estimates(self, structure: Any) -> bool:
+        return False  # the pairs come from the parameters and the (DDP-averaged) gradients: the same everywhere
+
+    def pair(self, ctx: GroupStep) -> SecantStep:
+        """The pair since the last refresh over ``ctx.params`` (flattened), changing nothing.
+
+        Computed once per step and parameter list (the non-finite check and the update see the same
+        tensors); :meth:`observe` also remembers this point.
+        """
+        key = (id(self), "pair", tuple(map(id, ctx.params)))
+        if key in ctx.extra:
+            return ctx.extra[key]
         k_param, k_grad = self.key("prev_param"), self.key("prev_grad")
         first = any(k_param not in s for s in ctx.states)
         g = torch.cat([t.reshape(-1) for t in ctx.grads])
@@ -118,10 +129,17 @@ class Secant(Curvature):
             s = torch.cat([(p - st[k_param]).reshape(-1) for p, st in zip(ctx.params, ctx.states)])
             y = g - torch.cat([st[k_grad].reshape(-1) for st in ctx.states])
             scale = 1.0
+        ctx.extra[key] = SecantStep(s, y, scale)
+        return ctx.extra[key]
+
+    def observe(self, ctx: GroupStep) -> SecantStep:
+        """The pair since the last refresh over ``ctx.params`` (flattened), and remember this point."""
+        k_param, k_grad = self.key("prev_param"), self.key("prev_grad")
+        step = self.pair(ctx)
         for p, grad, st in zip(ctx.params, ctx.grads, ctx.states):
             st[k_param] = p.detach().clone()
             st[k_grad] = grad.detach().clone()
-        return SecantStep(s, y, scale)
+        return step
 
     # --- full ---------------------------------------------------------------------------
 

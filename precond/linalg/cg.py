@@ -1,4 +1,4 @@
-"""Conjugate gradients for damped Newton / Hessian-free steps (ALGORITHMS.md §2, §4).
+"""Conjugate gradients for damped Newton / Hessian-free steps (docs/algorithms.md#matrix-free-cg).
 
 Vectors
 -------

@@ -1,4 +1,4 @@
-"""Kronecker-factored preconditioning kernels (ALGORITHMS.md §10, §13).
+"""Kronecker-factored preconditioning kernels (docs/algorithms.md#k-fac, docs/algorithms.md#shampoo).
 
 Conventions (K-FAC, one layer)
 ------------------------------
@@ -121,7 +121,7 @@ def kron_precondition_exact(V: Tensor, eigA: Factor, eigG: Factor, damping: floa
         result = Qg [ (Qgᵀ V Qa) / (dg daᵀ + λ) ] Qaᵀ        (elementwise division)
 
     which equals ``solve(kron(G, A) + λI, V.flatten())`` reshaped (row-major)
-    (ALGORITHMS.md §13 "eigen" damping).  Eigenvalues below zero (round-off)
+    (the ``exact`` form of docs/algorithms.md#kronecker-damping-forms).  Eigenvalues below zero (round-off)
     are clamped to 0.  ``eigA``/``eigG`` are decompositions; a matrix is
     decomposed on the fly with :func:`~precond.linalg.spectral.robust_eigh`.
     """
@@ -193,8 +193,8 @@ def kron_precondition_per_factor(V: Tensor, A: Factor, G: Factor, damping: float
     """Per-factor damping (kfac-pytorch ``compute_method='inverse'``).
 
     ``result = (G + λI)⁻¹ V (A + λI)⁻¹``.  Note λ, not √λ, on each factor;
-    this is *not* the same as :func:`kron_precondition_exact` (ALGORITHMS.md
-    §13, damping variant 2).
+    this is *not* the same as :func:`kron_precondition_exact` (the ``per_factor``
+    form of docs/algorithms.md#kronecker-damping-forms).
     """
     return _damped_solve_right(_damped_solve_left(G, damping, V), A, damping)
 
@@ -203,7 +203,7 @@ def kron_precondition_per_factor(V: Tensor, A: Factor, G: Factor, damping: float
 
 
 def shampoo_statistics(grad: Tensor) -> list[Tensor]:
-    """One Gram matrix per dimension of ``grad`` (Shampoo, ALGORITHMS.md §10).
+    """One Gram matrix per dimension of ``grad`` (Shampoo, docs/algorithms.md#shampoo).
 
     For dimension ``i`` of an order-k tensor: ``G_(i) G_(i)ᵀ`` where ``G_(i)``
     is the mode-i unfolding (all other dimensions contracted), shape

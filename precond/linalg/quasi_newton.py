@@ -1,4 +1,5 @@
-"""Secant (quasi-Newton) updates on dense matrices (ALGORITHMS.md §6, §7, §14).
+"""Secant (quasi-Newton) updates on dense matrices (docs/algorithms.md#quasi-newton-updates,
+docs/algorithms.md#l-bfgs, docs/algorithms.md#k-bfgs).
 
 Notation: ``s = x_{k+1} − x_k``, ``y = ∇f(x_{k+1}) − ∇f(x_k)``.  A *direct*
 matrix ``B`` approximates the Hessian (secant ``B₊ s = y``), an *inverse*
@@ -163,7 +164,7 @@ def bfgs_inverse_update(
     """BFGS on the inverse: ``H₊ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ``, ``ρ = 1/(yᵀs)``.
 
     Guard on ``yᵀs <= min_curvature · yᵀHy`` (Powell: ``s ← f s + (1−f) H y``,
-    the K-BFGS Powell damping of §14 with ``mu1 = min_curvature``).
+    the K-BFGS Powell damping, docs/algorithms.md#k-bfgs, with ``mu1 = min_curvature``).
     Equals scipy ``BFGS(...).initialize(n, 'inv_hess'); update(s, y)``.
     """
     return _secant_update(H, s, y, "inverse", "product", guard, min_curvature, reset_on_indefinite)
@@ -236,7 +237,7 @@ def sr1_inverse_update(H: Tensor, s: Tensor, y: Tensor, min_denominator: float =
     return _sr1(H, y, s, min_denominator)
 
 
-#: The "sherman_morrison" secant update of DESIGN.md is the inverse SR1 update.
+#: The "sherman_morrison" secant update (docs/algorithms.md#quasi-newton-updates) is the inverse SR1 update.
 sherman_morrison_update = sr1_inverse_update
 
 
@@ -252,7 +253,7 @@ def two_loop(
 ) -> Tensor:
     """L-BFGS search direction ``d = −H g`` by the two-loop recursion.
 
-    Nocedal & Wright Alg. 7.4 as torch.optim.LBFGS runs it (ALGORITHMS.md §7)::
+    Nocedal & Wright Alg. 7.4 as torch.optim.LBFGS runs it (docs/algorithms.md#l-bfgs)::
 
         q = −g
         for i = m−1 … 0:  α_i = ρ_i s_iᵀ q ;  q −= α_i y_i
@@ -363,7 +364,7 @@ class DampedPair(NamedTuple):
 
 
 def powell_damping(s: Tensor, y: Tensor, H: Tensor, mu1: float = 0.2) -> DampedPair:
-    """K-BFGS Powell damping of ``s`` with the current inverse ``H`` (§14).
+    """K-BFGS Powell damping of ``s`` with the current inverse ``H`` (docs/algorithms.md#k-bfgs).
 
     If ``sᵀy < mu1 · yᵀHy``:
     ``θ = (1 − mu1) yᵀHy / (yᵀHy − sᵀy)``, ``s ← θ s + (1 − θ) H y``, after
@@ -380,7 +381,7 @@ def powell_damping(s: Tensor, y: Tensor, H: Tensor, mu1: float = 0.2) -> DampedP
 
 
 def lm_damping_pair(s: Tensor, y: Tensor, mu2: float) -> DampedPair:
-    """K-BFGS Levenberg–Marquardt-type damping of ``y`` (§14, ``mu2 = √λ``).
+    """K-BFGS Levenberg–Marquardt-type damping of ``y`` (docs/algorithms.md#k-bfgs, ``mu2 = √λ``).
 
     If ``sᵀy < mu2 · sᵀs``:
     ``θ = (1 − mu2) sᵀs / (sᵀs − sᵀy)``, ``y ← θ y + (1 − θ) s``, after which

@@ -9,7 +9,7 @@ full matrices) is transformed through its eigendecomposition
   ``None``.
 * :func:`matrix_function` — ``Q diag(fn(λ)) Qᵀ``.
 * :func:`matrix_power` / :func:`inverse_root` — ``(M + εI)^q`` and the two
-  damping placements of ALGORITHMS.md §8–10 (``ε`` inside or outside the root).
+  damping placements of docs/algorithms.md#inverse-root (``ε`` inside or outside the root).
 * :class:`SpectralCache` — keeps the last good decomposition, counts failures
   and raises :class:`EighFailureError` after too many consecutive ones.
 

@@ -1,4 +1,5 @@
-"""``kl_clip``: K-FAC's KL clipping of the natural-gradient step, then the learning-rate step (ALGORITHMS.md §13)."""
+"""``kl_clip``: K-FAC's KL clipping of the natural-gradient step, then the learning-rate step
+(docs/algorithms.md#kl-clipping)."""
 
 from __future__ import annotations
 

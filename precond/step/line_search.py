@@ -7,7 +7,7 @@ direction of every param group, joined) from the current parameters.
 
 Strong Wolfe (Nocedal & Wright 2006, Algorithms 3.5 and 3.6, with the cubic
 interpolation and safeguards of Schmidt's minFunc, as torch.optim.LBFGS uses
-them; ALGORITHMS.md §7): the trial steps ``t`` grow from ``lr`` (each next
+them; docs/algorithms.md#line-search): the trial steps ``t`` grow from ``lr`` (each next
 trial the minimiser of the cubic through the last two points, kept within
 ``[t + 0.01(t − t_prev), 10 t]``) until the sufficient-decrease condition
 ``f(t) <= f(0) + c1·t·f'(0)`` fails, the function stops decreasing, or the
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from precond.block import Direction, GroupStep, Needs, Step
-from precond.errors import PipelineError
+from precond.errors import PipelineError, field_problem
 from precond.evaluation import evaluate
 from precond.registry import register
 from precond.step.decay import L2
@@ -245,11 +245,25 @@ class LineSearch(Step):
     """
 
     method: Literal["strong_wolfe", "armijo"] = Field("strong_wolfe", description="strong Wolfe conditions or Armijo backtracking")
-    c1: float = Field(1e-4, gt=0.0, lt=1.0, description="sufficient-decrease constant")
-    c2: float = Field(0.9, gt=0.0, lt=1.0, description="strong Wolfe curvature constant (c1 < c2)")
+    c1: float = Field(1e-4, gt=0.0, lt=1.0, description="sufficient-decrease constant, 0 < c1 < 1 (strong_wolfe: c1 < c2)")
+    c2: float = Field(0.9, gt=0.0, lt=1.0, description="strong Wolfe curvature constant, c1 < c2 < 1 (unused by armijo)")
     max_evals: int = Field(25, ge=1, description="trials after the first one, at most (torch's max_ls)")
     tolerance_change: float = Field(1e-9, ge=0.0, description="stop when the bracket, in max-norm of the step, is shorter")
     shrink: float = Field(0.5, gt=0.0, lt=1.0, description="armijo: step reduction factor")
+
+    @model_validator(mode="after")
+    def _wolfe_constants(self) -> LineSearch:
+        # strong Wolfe: with c1 >= c2 the two conditions can exclude every step (Nocedal & Wright 2006,
+        # Lemma 3.1 needs 0 < c1 < c2 < 1); armijo reads c1 only
+        if self.method == "strong_wolfe" and self.c1 >= self.c2:
+            blame = "c2" if "c2" in self.model_fields_set and "c1" not in self.model_fields_set else "c1"
+            raise field_problem(
+                blame,
+                f"c1 = {self.c1:g} and c2 = {self.c2:g}: the strong Wolfe conditions need 0 < c1 < c2 < 1 "
+                "(sufficient decrease c1, curvature c2), else no step may satisfy both; "
+                "e.g. c1: 1.0e-4, c2: 0.9 (torch.optim.LBFGS; c2: 0.1 for nonlinear CG), or method: armijo",
+            )
+        return self
 
     def needs(self) -> Needs:
         return Needs(closure=True)

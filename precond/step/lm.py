@@ -1,4 +1,5 @@
-"""``lm``: Levenberg–Marquardt adaptation of the damping from the reduction ratio (ALGORITHMS.md §4).
+"""``lm``: Levenberg–Marquardt adaptation of the damping from the reduction ratio
+(docs/algorithms.md#levenberg-marquardt).
 
 After the step ``p = −lr·d`` the closure is evaluated once more (forward only) and
 
@@ -22,10 +23,10 @@ from __future__ import annotations
 import math
 from typing import Any, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from precond.block import Direction, GroupStep, Needs, Step
-from precond.errors import PipelineError
+from precond.errors import PipelineError, field_problem
 from precond.linalg.cg import lm_damping_update
 from precond.registry import register
 from precond.step.line_search import l2_coefficients, loss_at_current, objective
@@ -37,13 +38,62 @@ from precond.structure.full import QUADRATIC
 class LevenbergMarquardt(Step):
     """``θ ← θ − lr·d``, then adapt the damping ``λ`` of ``inverse`` from the reduction ratio ρ (one extra forward pass)."""
 
-    lower: float = Field(0.25, description="rho below this: increase the damping")
+    lower: float = Field(0.25, description="rho below this: increase the damping (lower <= upper)")
     upper: float = Field(0.75, description="rho above this: decrease the damping")
     increase: float = Field(1.5, gt=1.0, description="damping factor when rho < lower")
     decrease: float = Field(2.0 / 3.0, gt=0.0, lt=1.0, description="damping factor when rho > upper")
     every: int = Field(1, ge=1, description="adapt on every k-th step only (the extra forward pass too)")
     min_damping: float = Field(0.0, ge=0.0, description="lower bound of the damping")
     max_damping: Union[float, None] = Field(None, gt=0.0, description="upper bound of the damping (None: no bound)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LevenbergMarquardt:
+        if self.lower > self.upper:
+            blame = "upper" if "upper" in self.model_fields_set and "lower" not in self.model_fields_set else "lower"
+            raise field_problem(
+                blame,
+                f"lower = {self.lower:g} and upper = {self.upper:g}: the damping rises for rho < lower and falls for "
+                "rho > upper, so lower <= upper is required; e.g. lower: 0.25, upper: 0.75 (Martens & Sutskever 2012)",
+            )
+        if self.max_damping is not None and self.min_damping > self.max_damping:
+            blame = "max_damping" if "min_damping" not in self.model_fields_set else "min_damping"
+            raise field_problem(
+                blame,
+                f"min_damping = {self.min_damping:g} and max_damping = {self.max_damping:g}: the damping is clamped to "
+                "[min_damping, max_damping], so min_damping <= max_damping is required (max_damping: null for no bound)",
+            )
+        return self
+
+    def recipe_problems(self, pipeline: Any) -> list[tuple[str, str]]:
+        """What every pipeline must be for the reduction ratio (see :mod:`precond.recipe`'s cross-block
+        checks): an ``inverse`` transform on a ``full`` structure whose damping starts above 0, and no
+        momentum. ``(path in the pipeline, message)`` for each problem."""
+        out = []
+        inverse = [(i, t) for i, t in enumerate(pipeline.transforms) if t.name == "inverse"]
+        structure = pipeline.structure
+        if not inverse or structure is None or structure.form != "full":
+            has = f"structure '{structure.name}'" if structure is not None else "no structure"
+            names = ", ".join(t.name for t in pipeline.transforms)
+            has += f" and transform {names}" if names else " and no transform"
+            out.append((
+                "step" if not pipeline.path else "",
+                "step 'lm' adapts the damping of transform 'inverse' on structure 'full'; "
+                f"{pipeline.label} has {has}: use structure: {{type: full}}, transform: {{type: inverse, damping: 1.0}}",
+            ))
+        elif not inverse[0][1].damping > 0:
+            i = inverse[0][0]
+            out.append((
+                f"transform.{i}.damping",
+                f"step 'lm' scales the damping up and down by factors, so it must start above 0 ({pipeline.label} "
+                "starts it at 0): set the inverse transform's damping (e.g. 1.0)",
+            ))
+        if pipeline.momentum is not None:
+            out.append((
+                "momentum",
+                "step 'lm' compares the loss change with the model's prediction for d itself: remove the momentum block"
+                + (f" ({pipeline.label})" if pipeline.path else ""),
+            ))
+        return out
 
     def needs(self) -> Needs:
         return Needs(closure=True)

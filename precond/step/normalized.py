@@ -1,4 +1,5 @@
-"""``normalized``: the normalised natural gradient, ``θ ← θ − sqrt(2δ / gᵀF⁻¹g) · F⁻¹g`` (ALGORITHMS.md §5)."""
+"""``normalized``: the normalised natural gradient, ``θ ← θ − sqrt(2δ / gᵀF⁻¹g) · F⁻¹g``
+(docs/algorithms.md#normalized-natural-gradient)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from precond.block import Curvature, Direction, GroupStep, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Structure, Transform, per_parameter
 from precond.registry import register
 
 
@@ -51,11 +51,11 @@ class Diagonal(Structure):
         if self.amsgrad:
             torch._foreach_maximum_(ctx.gathered(self.key("max")), diag)
 
-    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[torch.Tensor]:
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
         est = curvature.diagonal(ctx)
         if est.roots is not None:
-            return [] if est.roots is ctx.grads else est.roots
-        return est.values or []
+            return [] if est.roots is ctx.grads else per_parameter(est.roots)  # the gradients were checked
+        return per_parameter(est.values or [])
 
     def statistic(self, ctx: GroupStep) -> tuple[list[torch.Tensor], list[float] | None]:
         """The stored tensors and per-tensor divisors (bias correction) or None."""

@@ -30,7 +30,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from precond.block import Curvature, Direction, GroupStep, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Structure, Transform
 from precond.errors import PipelineError
 from precond.linalg.cg import cg
 from precond.linalg.spectral import robust_eigh
@@ -79,6 +79,22 @@ def sub_step(ctx: GroupStep, idx: list[int]) -> GroupStep:
         scope=ctx.scope,
         extra=ctx.extra,
     )
+
+
+def secant_estimates(curvature: Curvature, ctx: GroupStep, blocks: list[list[int]], what: str) -> list[Estimate]:
+    """The secant pair ``(s, y)`` a curvature's ``pair`` forms for each block (none on its first step)."""
+    pair = getattr(curvature, "pair", None)
+    if not callable(pair):
+        return []
+    out: list[Estimate] = []
+    for b, idx in enumerate(blocks):
+        step = pair(sub_step(ctx, idx))
+        if step.s is None:
+            continue
+        where = f"{what} {b} of {len(blocks)}"
+        out.append(Estimate(step.s, tuple(idx), f"{where}: secant pair s, the parameter change"))
+        out.append(Estimate(step.y, tuple(idx), f"{where}: secant pair y, the gradient change"))
+    return out
 
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -241,6 +257,24 @@ class Full(Structure):
             return transform.name == "inverse" and getattr(transform, "damping_mode", "add") == "add"
         return super().supports(transform)
 
+    def recipe_problems(self, curvature: Any) -> list[tuple[str, str]]:
+        """Validation, with the recipe (``setup`` checks the same when built without it): CG multiplies
+        by the curvature of this step. ``(path in the recipe, message)``."""
+        if self.solver != "cg":
+            return []
+        if not callable(getattr(curvature, "matvec", None)):
+            return [(
+                "structure.solver",
+                f"structure 'full' with solver: cg needs curvature-vector products, which curvature "
+                f"'{curvature.name}' does not provide; use solver: dense",
+            )]
+        if curvature.every != 1 or curvature.start != 1:
+            return [(
+                "curvature.every" if curvature.every != 1 else "curvature.start",
+                "structure 'full' with solver: cg needs the curvature on every step (every: 1, start: 1)",
+            )]
+        return []
+
     # --- lifecycle --------------------------------------------------------------------
 
     def setup(self, optimizer: Any) -> None:
@@ -280,10 +314,22 @@ class Full(Structure):
         info = ctx.optimizer.param_info if ctx.optimizer is not None else {}
         return partition(ctx.params, self.scope, info)
 
-    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[torch.Tensor]:
-        """Fresh dense estimates per block (kept for ``update``); none for CG or secant refinements."""
-        if self.solver == "cg" or callable(getattr(curvature, "full_update", None)):
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
+        """Fresh dense estimates per block (kept for ``update``); a secant refinement's pair ``(s, y)``
+        per block; none for CG (it keeps no statistics)."""
+        if self.solver == "cg":
             return []
+        blocks = self.blocks(ctx)
+        if callable(getattr(curvature, "full_update", None)):
+            return secant_estimates(curvature, ctx, blocks, "dense block")
+        n = len(blocks)
+        return [
+            Estimate(m, tuple(idx), f"dense block {b} of {n}, {m.shape[0]}x{m.shape[-1]}")
+            for b, (idx, m) in enumerate(zip(blocks, self._fresh(ctx, curvature)))
+        ]
+
+    def _fresh(self, ctx: GroupStep, curvature: Curvature) -> list[torch.Tensor]:
+        """This step's dense estimate per block, computed once."""
         key = (FRESH, id(self))
         if key not in ctx.extra:
             ctx.extra[key] = [curvature.full(sub_step(ctx, idx)) for idx in self.blocks(ctx)]
@@ -293,9 +339,9 @@ class Full(Structure):
         ctx.extra[CURVATURE] = curvature
         if self.solver == "cg":
             return
-        fresh = self.estimates(ctx, curvature)
-        k_matrix, k_inverse, k_updates = self.key("matrix"), self.key("inverse"), self.key("updates")
         refine = getattr(curvature, "full_update", None)
+        fresh = None if callable(refine) else self._fresh(ctx, curvature)
+        k_matrix, k_inverse, k_updates = self.key("matrix"), self.key("inverse"), self.key("updates")
         blocks = self.blocks(ctx)
         comm = ctx.optimizer.comm
         owners = self._owners(ctx, blocks) if comm.sharded else [comm.rank] * len(blocks)
@@ -317,6 +363,7 @@ class Full(Structure):
             if callable(refine):
                 matrix, inverse = refine(sub, old)
             else:
+                assert fresh is not None
                 est = fresh[b]
                 inverse = False
                 if self.accumulate == "replace":

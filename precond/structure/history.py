@@ -1,4 +1,4 @@
-"""History structure: L-BFGS's limited memory of secant pairs and the two-loop recursion (ALGORITHMS.md §7).
+"""History structure: L-BFGS's limited memory of secant pairs and the two-loop recursion (docs/algorithms.md#l-bfgs).
 
 The last ``memory`` pairs ``(s, y)`` with ``yᵀs > curvature_eps`` (1e-10,
 torch.optim.LBFGS's constant; others are dropped) are kept oldest first; the
@@ -20,11 +20,11 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from precond.block import Curvature, Direction, GroupStep, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Structure, Transform
 from precond.errors import PipelineError
 from precond.linalg.quasi_newton import two_loop
 from precond.registry import register
-from precond.structure.full import Scope, flat, groups_of, partition, sub_step, unflat
+from precond.structure.full import Scope, flat, groups_of, partition, secant_estimates, sub_step, unflat
 
 
 @register("structure", "history")
@@ -45,6 +45,19 @@ class History(Structure):
             and getattr(transform, "scale", 1.0) == 1.0
         )
 
+    def recipe_problems(self, curvature: Any) -> list[tuple[str, str]]:
+        """Validation, with the recipe (``setup`` checks the same when built without it): secant pairs,
+        BFGS's. ``(path in the recipe, message)``."""
+        if not callable(getattr(curvature, "observe", None)):
+            return [("curvature", f"structure 'history' needs secant pairs; curvature '{curvature.name}' has none (use secant)")]
+        if getattr(curvature, "update", "bfgs") != "bfgs":
+            return [(
+                "curvature.update",
+                "structure 'history' is limited-memory BFGS (the two-loop recursion); "
+                f"secant update '{curvature.update}' needs structure 'full'",
+            )]
+        return []
+
     def setup(self, optimizer: Any) -> None:
         for pipe, _ in groups_of(optimizer, self, "structure"):
             observe = getattr(pipe.curvature, "observe", None)
@@ -61,6 +74,10 @@ class History(Structure):
     def blocks(self, ctx: GroupStep) -> list[list[int]]:
         info = ctx.optimizer.param_info if ctx.optimizer is not None else {}
         return partition(ctx.params, self.scope, info)
+
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
+        """This step's secant pair ``(s, y)`` per block (none on the first step)."""
+        return secant_estimates(curvature, ctx, self.blocks(ctx), "history block")
 
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
         k_s, k_y, k_rho = self.key("s"), self.key("y"), self.key("rho")

@@ -1,4 +1,4 @@
-"""K-BFGS and K-BFGS(L): Kronecker-factored BFGS per layer (Goldfarb, Ren & Bahamou 2020; ALGORITHMS.md §14).
+"""K-BFGS and K-BFGS(L): Kronecker-factored BFGS per layer (Goldfarb, Ren & Bahamou 2020; docs/algorithms.md#k-bfgs).
 
 For a layer ``a = W h (+ b)`` (Linear or Conv2d, rows as in :mod:`precond.layers`)
 the inverse curvature is ``H_g ⊗ H_a`` and the direction of the gradient-shaped
@@ -33,15 +33,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
-from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Needs, Structure, Transform
 from precond.errors import PipelineError
 from precond.evaluation import evaluate
+from precond.guard import all_finite
 from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_rows, require_one_group, sample_count
 from precond.linalg.quasi_newton import bfgs_inverse_update, double_damping, two_loop
 from precond.registry import register
+from precond.transform.spectral import float32_damping
 
 _RUNTIMES: weakref.WeakKeyDictionary[Any, dict[int, _Runtime]] = weakref.WeakKeyDictionary()
 
@@ -73,12 +75,19 @@ class KBFGS(Structure):
 
     form: ClassVar[str] = "kbfgs"
 
-    damping: float = Field(0.3, gt=0.0, description="lambda: A + sqrt(lambda) I, and mu2 = sqrt(lambda) in the LM damping")
+    damping: float = Field(
+        0.3, gt=0.0, description="lambda: A + sqrt(lambda) I, and mu2 = sqrt(lambda) in the LM damping; a normal float32 (>= 1.2e-38)"
+    )
     a_decay: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the activation factor A")
     pair_decay: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay of the pre-activation pairs (0: none, full batch)")
     mu1: float = Field(0.2, gt=0.0, lt=1.0, description="Powell damping threshold: s'y >= mu1 y'H_g y")
     g_update: Literal["bfgs", "lbfgs"] = Field("bfgs", description="H_g by BFGS (K-BFGS) or limited memory (K-BFGS(L))")
     memory: int = Field(100, ge=1, description="K-BFGS(L): pairs kept")
+
+    @field_validator("damping")
+    @classmethod
+    def _normal_damping(cls, value: float) -> float:
+        return float32_damping(value, "damping", zero=False, example="0.3")
 
     def needs(self) -> Needs:
         return Needs(hooks=True, closure=True, outputs=True)
@@ -92,6 +101,12 @@ class KBFGS(Structure):
             and getattr(transform, "damping", 0.0) == 0.0
             and getattr(transform, "scale", 1.0) == 1.0
         )
+
+    def recipe_problems(self, curvature: Any) -> list[tuple[str, str]]:
+        """Validation, with the recipe (``setup`` checks the same when built without it)."""
+        if curvature.name != "secant":
+            return [("curvature", "structure 'kbfgs' forms its secant pairs from the layers: use curvature: {type: secant}")]
+        return []
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -156,20 +171,49 @@ class KBFGS(Structure):
             out[layer] = (h_rows, a_rows.mean(0), g_rows[0].mean(0) * m)
         return out
 
-    def update(self, ctx: GroupStep, curvature: Curvature) -> None:
+    def _fresh(self, ctx: GroupStep) -> list[tuple[Layer, list[int], dict[str, Tensor]]]:
+        """Per layer of the group, this step's statistics (computed once): ``hh`` = ``(1/R) Σ h hᵀ`` of the
+        input rows, ``h`` their mean, ``a`` the mean pre-activation and ``g`` the mean output gradient."""
+        key = (self.key("fresh"), id(self))
+        if key in ctx.extra:
+            return ctx.extra[key]
         rt = self._runtime(ctx.optimizer)
         m = sample_count(ctx.evaluation.outputs, "structure kbfgs")
         means = self._means(rt, m)
-        root = math.sqrt(self.damping)
-        for layer, _ in self._layers(ctx, rt):
+        out = []
+        for layer, idx in self._layers(ctx, rt):
             if layer not in means:
                 raise PipelineError(
                     f"structure kbfgs: the forward hook of layer '{layer.name}' did not fire inside the closure"
                 )
             h_rows, a_mean, g_mean = (t.to(factor_dtype(t)) for t in means[layer])  # float32 for half params
+            stats = {"hh": h_rows.T @ h_rows / h_rows.shape[0], "h": h_rows.mean(0), "a": a_mean, "g": g_mean}
+            out.append((layer, idx, stats))
+        ctx.extra[key] = out
+        return out
+
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
+        """Per layer: the input statistic ``hhᵀ`` (for ``A`` and ``H_a``), the mean input row (``H_a``'s pair)
+        and the mean pre-activation and output gradient (the first half of the ``H_g`` pair)."""
+        labels = {
+            "hh": "K-BFGS input statistic hh^T (for A and H_a)",
+            "h": "K-BFGS mean input row (the H_a pair)",
+            "a": "K-BFGS mean pre-activation (the H_g pair)",
+            "g": "K-BFGS mean output gradient (the H_g pair)",
+        }
+        return [
+            Estimate(t, tuple(idx), f"layer '{layer.name}': {labels[k]}, dims {t.shape[-1]}")
+            for layer, idx, stats in self._fresh(ctx)
+            for k, t in stats.items()
+        ]
+
+    def update(self, ctx: GroupStep, curvature: Curvature) -> None:
+        rt = self._runtime(ctx.optimizer)
+        root = math.sqrt(self.damping)
+        for layer, _, stats in self._fresh(ctx):
+            hh, h_mean, a_mean, g_mean = stats["hh"], stats["h"], stats["a"], stats["g"]
             st = ctx.optimizer.state[layer.params[0]]
             k_a, k_ha = self.key("A"), self.key("H_a")
-            hh = h_rows.T @ h_rows / h_rows.shape[0]
             eye = torch.eye(hh.shape[0], dtype=hh.dtype, device=hh.device)
             if k_a not in st:
                 st[k_a] = hh
@@ -178,7 +222,7 @@ class KBFGS(Structure):
                     st[self.key("H_g")] = torch.eye(layer.d_out, dtype=hh.dtype, device=hh.device)
             else:
                 st[k_a] = self.a_decay * st[k_a] + (1.0 - self.a_decay) * hh
-                s_a = st[k_ha] @ h_rows.mean(0)
+                s_a = st[k_ha] @ h_mean
                 y_a = st[k_a] @ s_a + root * s_a  # A_LM s_a
                 st[k_ha] = bfgs_inverse_update(st[k_ha], s_a, y_a).matrix
             if rt.pending is None:
@@ -205,6 +249,8 @@ class KBFGS(Structure):
                 _, a_new, g_new = means[layer]
                 s, y = a_new - a_old, g_new - g_old
                 if not bool(s.any()):  # the parameters did not move (a skipped step): no pair
+                    continue
+                if not all_finite([s, y]):  # the new point diverged: no pair (H_g keeps its finite value)
                     continue
                 st = optimizer.state[layer.params[0]]
                 k_s, k_y = self.key("s_g"), self.key("y_g")

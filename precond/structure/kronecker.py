@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from precond.block import Curvature, Direction, GroupStep, Needs, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Needs, Structure, Transform
 from precond.errors import PipelineError
 from precond.guard import all_finite
 from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_factors, layer_rows, require_one_group, warn_silent
@@ -89,6 +89,9 @@ class _Unit:
     layer: Layer | None = None
     where: tuple[Any, ...] = ()  # layer: (weight index, bias index) in ctx.params; gradient: (param index, block index)
     state: dict[str, Any] = field(default_factory=dict)  # the holder's state, bound by Kronecker._units on every call
+
+
+_LAYER_FACTORS = ("G, of the output gradients", "A, of the inputs")  # a layer unit's factors, in order
 
 
 @lru_cache(maxsize=1024)
@@ -179,6 +182,20 @@ class Kronecker(Structure):
         if not callable(method):
             return False
         return self.damping_form == "exact" or self.spectrum == "eigenbasis" or method() is not None
+
+    def recipe_problems(self, curvature: Curvature) -> list[tuple[str, str]]:
+        """Validation, with the recipe (``setup`` checks the same when built without it): the curvature
+        must fill these factors. ``(path in the recipe, message)``."""
+        kinds = getattr(curvature, "kronecker_factors", frozenset())
+        if self.factors in kinds:
+            return []
+        fills = ", ".join(sorted(kinds)) or "none"
+        return [(
+            "structure.factors",
+            f"curvature '{curvature.name}' cannot fill Kronecker factors '{self.factors}' (it fills: {fills}); "
+            + ("gradient factors (Shampoo) are Gram matrices of the batch gradient: use curvature empirical_fisher"
+               if self.factors == "gradient" else "use empirical_fisher, sampled_fisher or gauss_newton"),
+        )]
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -395,8 +412,23 @@ class Kronecker(Structure):
         ctx.extra[key] = out
         return out
 
-    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Tensor]:
-        return [f for _, fs in self._batch(ctx, curvature) for f in fs]
+    def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
+        """Every fresh factor, with its parameter(s) and its place: ``Kronecker factor j of k, dims n``
+        (K-FAC: ``G`` of the output gradients is factor 0, ``A`` of the inputs factor 1; a gradient cut
+        into blocks also names the block)."""
+        out: list[Estimate] = []
+        for u, fresh in self._batch(ctx, curvature):
+            k = len(fresh)
+            if u.layer is not None:
+                params = tuple(i for i in u.where if i is not None)
+                labels = [f"Kronecker factor {j} of {k} ({_LAYER_FACTORS[j]}), dims {f.shape[-1]}" for j, f in enumerate(fresh)]
+            else:
+                params = (u.where[0],)
+                total = len(_partition(tuple(ctx.params[u.where[0]].shape), self.max_dim, self.merge_dims).block_shapes)
+                where = f"block {u.where[1]} of {total} {list(u.dims)}, " if total > 1 else ""
+                labels = [f"{where}Kronecker factor {j} of {k}, dims {f.shape[-1]}" for j, f in enumerate(fresh)]
+            out.extend(Estimate(f, params, label) for f, label in zip(fresh, labels))
+        return out
 
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
         factors: list[Tensor] = []

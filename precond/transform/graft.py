@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from precond.block import Direction, GroupStep, Transform
 from precond.registry import register
+from precond.transform.spectral import float32_damping
 
 
 @register("transform", "graft")
@@ -30,9 +31,14 @@ class Graft(Transform):
 
     source: Literal["sgd", "adagrad", "adam"] = Field("adam", description="the method whose per-tensor step norm is used")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="adam: EMA decay of the squared gradient")
-    eps: float = Field(1e-8, ge=0.0, description="adagrad/adam: added to the root of the statistic")
+    eps: float = Field(1e-8, ge=0.0, description="adagrad/adam: added to the root of the statistic; 0, or a normal float32 (>= 1.2e-38)")
     bias_correction: bool = Field(True, description="adam: divide the second moment by 1 - beta2^t")
     init: float = Field(0.0, ge=0.0, description="adagrad: initial accumulator value")
+
+    @field_validator("eps")
+    @classmethod
+    def _normal_eps(cls, value: float) -> float:
+        return float32_damping(value, "eps")
 
     def _statistic(self, ctx: GroupStep) -> list[torch.Tensor]:
         key = self.key(f"graft_{self.source}")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from precond.block import Direction, GroupStep, Transform
 from precond.registry import register
-from precond.transform.spectral import diagonal_power
+from precond.transform.spectral import diagonal_power, float32_damping
 
 
 @register("transform", "inverse")
@@ -23,9 +23,23 @@ class Inverse(Transform):
 
     spectral: ClassVar[bool] = True
 
-    damping: float = Field(0.0, ge=0, description="Tikhonov damping added to the curvature, or its floor (max)")
+    damping: float = Field(
+        0.0, ge=0, description="Tikhonov damping added to the curvature, or its floor (max); 0, or a normal float32 (>= 1.2e-38)"
+    )
     damping_mode: Literal["add", "max"] = Field("add", description="add: 1/(scale*C + damping); max: 1/max(scale*C, damping)")
-    scale: float = Field(1.0, gt=0, description="multiplies the curvature before damping (Sophia's gamma)")
+    scale: float = Field(
+        1.0, gt=0, description="multiplies the curvature before damping (Sophia's gamma); a normal float32 (1.2e-38 to 3.4e38)"
+    )
+
+    @field_validator("damping")
+    @classmethod
+    def _normal_damping(cls, value: float) -> float:
+        return float32_damping(value, "damping", example="1.0e-3")
+
+    @field_validator("scale")
+    @classmethod
+    def _normal_scale(cls, value: float) -> float:
+        return float32_damping(value, "scale", zero=False, example="1.0")
 
     def keeps_finite(self, form: str, nonnegative: bool) -> bool:
         # max(scale*v, eps) >= eps > 0 always; scale*v + eps > 0 for v >= 0

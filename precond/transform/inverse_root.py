@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from precond.block import Direction, GroupStep, Transform
 from precond.registry import register
-from precond.transform.spectral import diagonal_power
+from precond.transform.spectral import MIN_ROOT, diagonal_power, finite_power, float32_damping
 
 
 @register("transform", "inverse_root")
@@ -18,15 +18,31 @@ class InverseRoot(Transform):
 
     spectral: ClassVar[bool] = True
 
-    p: float = Field(2.0, gt=0, description="the root: f(C) = C^(-1/p); 2 for Adam/Adagrad/Shampoo")
-    damping: float = Field(0.0, ge=0, description="epsilon added to the curvature (inside) or to its root (outside)")
+    p: float = Field(
+        2.0,
+        ge=MIN_ROOT,
+        description="the root: f(C) = C^(-1/p); 2 for Adam/Adagrad/Shampoo, 1 for the inverse, 2/k for AdaHessian's "
+        "Hessian power k; at least 0.25: f is then at most C^-4, finite in float32 down to eigenvalues of 1e-9 "
+        "(on Shampoo's gradient factors of a k-dimensional tensor, p = 1/k inverts each factor)",
+    )
+    damping: float = Field(
+        0.0, ge=0, description="epsilon added to the curvature (inside) or to its root (outside); 0, or a normal float32 (>= 1.2e-38)"
+    )
     damping_position: Literal["inside", "outside"] = Field(
         "inside", description="inside: (C + eps)^(-1/p); outside: (C^(1/p) + eps)^(-1) (Adam's eps)"
     )
 
+    @field_validator("damping")
+    @classmethod
+    def _normal_damping(cls, value: float) -> float:
+        return float32_damping(value, "damping")
+
     def keeps_finite(self, form: str, nonnegative: bool) -> bool:
-        # (v + eps)^(-1/p) and 1/(v^(1/p) + eps) are finite for finite v >= 0 and eps > 0
-        return form == "diagonal" and nonnegative and self.damping > 0
+        # finite v >= 0 and eps > 0: 1/(v^(1/p) + eps) <= 1/eps, finite; (v + eps)^(-1/p) <= eps^(-1/p),
+        # finite in float32 unless p is small and eps tiny (p = 0.25, eps = 1e-10: 1e40)
+        if form != "diagonal" or not nonnegative or not self.damping > 0:
+            return False
+        return self.damping_position == "outside" or finite_power(self.damping, -1.0 / self.p)
 
     def fn(self, eigenvalues: torch.Tensor) -> torch.Tensor:
         """The spectral function on eigenvalues."""

@@ -32,8 +32,11 @@ def rand(*shape, seed: int) -> torch.Tensor:
 
 
 def spd(n: int, seed: int) -> torch.Tensor:
+    """Exactly symmetric: ``x @ x.T`` is symmetric only up to round-off (BLAS may sum the two triangles in
+    different orders), and scipy (>= 1.15) refuses an ``init_scale`` array that fails ``issymmetric``."""
     x = rand(n, 2 * n, seed=seed)
-    return x @ x.T / (2 * n) + 0.1 * torch.eye(n, dtype=D)
+    m = x @ x.T / (2 * n) + 0.1 * torch.eye(n, dtype=D)
+    return (m + m.T) / 2
 
 
 def pairs(k: int, seed: int, curvature: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -195,8 +198,10 @@ def test_skip_guard_threshold(update, approx):
         ref = BFGS(init_scale=M.numpy())
         ref.initialize(N, approx)
         ref.update(s_.numpy(), y_.numpy())
-        r = ref.get_matrix()  # near the threshold the update is O(1/wᵀz) = O(1e15): compare relatively
-        assert np.abs(out.matrix.numpy() - r).max() <= 1e-9 * np.abs(r).max()
+        r = ref.get_matrix()
+        # near the threshold the update is O(1/wᵀz) = O(1e15): compare relatively, with the round-off of the
+        # inputs (~1e-16) amplified by the condition of the update, 1/t (measured: 1.5e-9 at t = 2e-8)
+        assert np.abs(out.matrix.numpy() - r).max() <= max(1e-12, 1e-15 / abs(t)) * np.abs(r).max()
         if expected == "skipped":
             assert out.matrix is M
 
