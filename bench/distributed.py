@@ -4,7 +4,7 @@ For 1, 2 and 4 processes on this machine, trains an MLP with mixed layer sizes u
 DistributedDataParallel with `shampoo` and `kfac` in both `distributed.mode`s and reports, per process:
 
   - eigh: how many matrices each process eigendecomposes per refresh, their summed dim^3 and the time
-    spent in `Kronecker._eigh_all` per refresh (the block owners' share; the others receive the results),
+    spent in `eigh_many` per refresh (the block owners' share; the others receive the results),
   - bytes per step that precond itself moves (its all-reduces of curvature statistics and the all-gathers
     of eigenbases or updates), next to DDP's gradient all-reduce (4 bytes x parameters),
   - the preconditioner state each process keeps (bytes of tensors in the optimizer state).
@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import precond
-from precond.structure.kronecker import Kronecker
+from precond.kron import spectral as kron_spectral
 
 WIDTHS = [256, 768, 512, 512, 512, 512, 384, 384, 256, 10]
 BATCH = 256
@@ -55,16 +55,16 @@ def worker(rank: int, world: int, tmp: str, steps: int, out: str) -> None:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    calls: list[tuple[int, float, float]] = []  # (matrices, sum dim^3, seconds) per _eigh_all call
-    real = Kronecker._eigh_all
+    calls: list[tuple[int, float, float]] = []  # (matrices, sum dim^3, seconds) per refresh's eigh_many call
+    real = kron_spectral.eigh_many
 
-    def timed(self, mats):  # type: ignore[no-untyped-def]
+    def timed(mats, float64=False):  # type: ignore[no-untyped-def]  # eigh_many's signature
         t0 = time.perf_counter()
-        res = real(self, mats)
+        res = real(mats, float64)
         calls.append((len(mats), float(sum(m.shape[-1] ** 3 for m in mats)), time.perf_counter() - t0))
         return res
 
-    Kronecker._eigh_all = timed  # type: ignore[method-assign]
+    kron_spectral.eigh_many = timed  # type: ignore[assignment]  # the name the Kronecker refresh calls
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(BATCH, WIDTHS[0], generator=g), torch.randint(0, WIDTHS[-1], (BATCH,), generator=g)) for _ in range(steps)]
     per = BATCH // world

@@ -136,6 +136,7 @@ def recipe_bound(opt: Any, shapes: list[tuple[int, int]], batch: int) -> float |
     structure = getattr(pipe, "structure", None)
     if structure is None or getattr(structure, "form", None) != "kronecker":
         return None
+    structure = getattr(structure, "config", structure)  # a stage holds its block's configuration
     curvature = pipe.curvature
     every = max(1, int(getattr(curvature, "every", 1)))
     eigenbasis = structure.spectrum == "eigenbasis"

@@ -14,14 +14,15 @@ from torch import nn
 from precond import registry
 from precond.block import Block
 from precond.errors import RecipeError, RecipeWarning
-from precond.optimizer import DEFAULT_RULE, Optimizer, param_info
+from precond.interfaces import param_info
+from precond.optimizer import DEFAULT_RULE, Optimizer, group_defaults
 from precond.recipe import Recipe, location_of, recipe_model, resolve, validate
 
 ModelLike = nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
 def _params(model: ModelLike, recipe: Recipe) -> tuple[Any, nn.Module | None]:
-    rules = recipe.rules  # type: ignore[attr-defined]
+    rules = recipe.rules
     if isinstance(model, nn.Module):
         return (assign_rules(model, recipe) if rules else list(model.parameters())), model
     if rules:
@@ -41,7 +42,7 @@ def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     Warns (:class:`~precond.errors.RecipeWarning`) about match patterns that look like typos for
     this model or that earlier rules shadow."""
     groups: dict[str, list[torch.Tensor]] = {DEFAULT_RULE: []}
-    for rule in recipe.rules:  # type: ignore[attr-defined]
+    for rule in recipe.rules:
         groups[rule.name] = []
     infos = param_info(model)
     for p, info in infos.items():
@@ -49,16 +50,16 @@ def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     for message in rule_warnings(model, recipe, infos):
         warnings.warn(message, RecipeWarning, stacklevel=_outside_precond())
     out = []
-    for rule in [None, *recipe.rules]:  # type: ignore[attr-defined]
+    for rule in [None, *recipe.rules]:
         name = DEFAULT_RULE if rule is None else rule.name
         if groups[name]:
             sub = recipe if rule is None else rule.recipe
-            out.append({"params": groups[name], "rule": name, "lr": sub.lr, "weight_decay": sub.weight_decay})
+            out.append({"params": groups[name], "rule": name, "lr": sub.lr, "weight_decay": sub.weight_decay, **group_defaults(sub)})
     return out
 
 
 def rule_of(recipe: Recipe, name: str, module: nn.Module) -> str:
-    for rule in recipe.rules:  # type: ignore[attr-defined]
+    for rule in recipe.rules:
         if rule.match.matches(name, module):
             return rule.name
     return DEFAULT_RULE
@@ -67,7 +68,7 @@ def rule_of(recipe: Recipe, name: str, module: nn.Module) -> str:
 def rule_warnings(model: nn.Module, recipe: Recipe, infos: Mapping[torch.Tensor, Any] | None = None) -> list[str]:
     """What :class:`~precond.errors.RecipeWarning` says about ``recipe``'s rules on ``model`` (its
     docstring has the rule): one message per pattern that looks like a typo, or that earlier rules shadow."""
-    rules = recipe.rules  # type: ignore[attr-defined]
+    rules = recipe.rules
     if not rules:
         return []
     infos = param_info(model) if infos is None else infos
@@ -154,7 +155,7 @@ def _outside_precond() -> int:
     frame = sys._getframe(1)
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
         level += 1
     return level
 

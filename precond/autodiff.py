@@ -84,6 +84,7 @@ __all__ = [
     "flatten",
     "functional_model",
     "ggn_vp",
+    "gauss_newton_product",
     "hvp",
     "hvp_fn",
     "jvp_outputs",
@@ -327,10 +328,21 @@ def ggn_vp(
 
     with _replay_rng([*params, inputs]):
         outputs, jv = torch.func.jvp(f, params, vectors)
-    outputs = _as_tensor_output(outputs).detach()
-    hjv = lik.hessian_vp(outputs, jv.detach()) / num_samples(outputs)
     _, vjp_fn = torch.func.vjp(f, *params)
-    return [g.detach() for g in vjp_fn(hjv)]
+    return gauss_newton_product(_as_tensor_output(outputs).detach(), jv.detach(), vjp_fn, lik)
+
+
+def gauss_newton_product(
+    outputs: Tensor, jv: Tensor, vjp: Callable[[Tensor], Sequence[Tensor]], likelihood: Likelihood
+) -> list[Tensor]:
+    """``Jᵀ H_L (J v) / M`` from ``J v`` (shaped like ``outputs``) and a map ``u ↦ Jᵀ u``.
+
+    The one GGN-vector product behind :func:`ggn_vp` (``J v`` and ``Jᵀ u`` by
+    ``torch.func`` on a functional call of the model) and the curvature blocks'
+    matrix-free products (:mod:`precond.curvature.products`: both from the graph
+    of the outputs a closure returned). ``M`` is the sample count of ``outputs``.
+    """
+    return [g.detach() for g in vjp(likelihood.hessian_vp(outputs, jv) / num_samples(outputs))]
 
 
 def dense_ggn(

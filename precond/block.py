@@ -9,55 +9,28 @@ differentiable gradient, layer hooks, a closure to re-evaluate).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from precond.interfaces import (  # noqa: F401  (re-exported: blocks import them from here)
+    Direction,
+    Environment,
+    Estimate,
+    Facts,
+    Needs,
+    ParamInfo,
+    per_parameter,
+    uniform,
+)
+
 if TYPE_CHECKING:
     from precond.evaluation import Evaluation
-    from precond.optimizer import Optimizer
 
 KINDS = ("curvature", "structure", "transform", "momentum", "step", "decay")
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a block needs from the step; the pipeline provides the union."""
-
-    outputs: bool = False  # the model outputs, returned by the closure as (loss, outputs)
-    create_graph: bool = False  # a differentiable gradient (double backward)
-    hooks: bool = False  # forward/backward hooks on the layers (needs an nn.Module)
-    closure: bool = False  # a closure it can call again (line searches, extra passes)
-    model: bool = False  # a functional call of the model (torch.func)
-    likelihood: bool = False  # the distribution the model predicts (precond.build(..., likelihood=...))
-
-    def __or__(self, other: Needs) -> Needs:
-        return _union(self, other)
-
-    def names(self) -> list[str]:
-        """What the step must provide (the likelihood is given at build time and is not listed)."""
-        labels = {
-            "outputs": "model outputs",
-            "create_graph": "a differentiable gradient",
-            "hooks": "layer hooks",
-            "closure": "a closure to re-evaluate",
-            "model": "the model (nn.Module)",
-        }
-        return [labels[f.name] for f in fields(self) if getattr(self, f.name) and f.name in labels]
-
-    def need_closure(self) -> bool:
-        """Whether the plain ``loss.backward(); opt.step()`` idiom is not enough (layer hooks must be
-        armed before the forward pass, so they need the closure too)."""
-        return self.outputs or self.create_graph or self.closure or self.hooks
-
-
-@lru_cache(maxsize=64)
-def _union(a: Needs, b: Needs) -> Needs:
-    # every step unions each pipeline's needs: few distinct pairs, each built once
-    return Needs(**{f.name: getattr(a, f.name) or getattr(b, f.name) for f in fields(a)})
+T = TypeVar("T")
 
 
 class Block(BaseModel):
@@ -76,15 +49,31 @@ class Block(BaseModel):
         torch.distributed such a recipe is refused at build time instead of drifting."""
         return None
 
-    # lifecycle: no-ops unless a block needs them (e.g. layer hooks for Kronecker factors)
-    def setup(self, optimizer: Optimizer) -> None:
-        """Called once when the optimizer is built (register module hooks, map layers)."""
+    # --- facts for other blocks (precond.interfaces.Facts), checked when a recipe is validated --------
+    produces: ClassVar[frozenset[str]] = frozenset()  # facts this block writes into ctx.facts
+    consumes: ClassVar[frozenset[str]] = frozenset()  # facts it reads when present
+    requires: ClassVar[frozenset[str]] = frozenset()  # facts it cannot do without (some block must produce them)
 
-    def before_closure(self, optimizer: Optimizer, step: int) -> None:
-        """Called before the closure runs on ``step`` (arm hooks on refresh steps)."""
+    def group_defaults(self) -> dict[str, Any]:
+        """Param-group hyperparameters this block reads on every step, with their initial values (as ``lr``:
+        LR schedulers, ``OneCycleLR``'s momentum cycle and per-group settings reach the block through them)."""
+        return {}
 
-    def after_step(self, optimizer: Optimizer) -> None:
-        """Called at the end of every step (disarm hooks, drop recorded tensors)."""
+    # --- the runtime in one optimizer ------------------------------------------------------------
+    def stage(self, served: Served) -> Any:
+        """The object the pipeline calls for this block in one optimizer, made once when it is built.
+
+        A stateless block is its own stage (the default: check what it serves, return ``self``). A block
+        with runtime state (module hooks, a map of layers) returns an object that holds that state and
+        its configuration, with the same methods as the block kind (see :class:`Stage`).
+        """
+        return self
+
+    def before_closure(self, step: int) -> None:
+        """Called on the stage before the closure runs on ``step`` (arm hooks on refresh steps)."""
+
+    def after_step(self) -> None:
+        """Called on the stage at the end of every step (disarm hooks, drop recorded tensors)."""
 
     def key(self, what: str) -> str:
         """The per-parameter state key this block stores ``what`` under."""
@@ -95,6 +84,35 @@ class Block(BaseModel):
         data = self.model_dump(exclude={"type"})
         args = ", ".join(f"{k}={v}" for k, v in data.items())
         return f"{self.name}({args})" if args else self.name
+
+
+class Stage:
+    """Base of a block's runtime when it has state of its own (a stateless block is its own stage).
+
+    It holds the block's configuration (``config``) and answers to the kind's methods; ``name``,
+    ``kind`` and ``form`` are the configuration's.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def form(self) -> str:
+        return getattr(self.config, "form", "")
+
+    def before_closure(self, step: int) -> None:
+        """Called before the closure runs on ``step``."""
+
+    def after_step(self) -> None:
+        """Called at the end of every step."""
 
 
 class Interval(BaseModel):
@@ -108,64 +126,16 @@ class Interval(BaseModel):
 
 
 @dataclass
-class Direction:
-    """An update under construction: ``coef * tensors / denominator``.
+class GroupStep:
+    """The tensors of one param group for one ``step()`` call, and what the blocks may read besides.
 
-    ``coef`` is a float or one float per tensor, and ``denominator`` an
-    optional list of tensors; keeping both symbolic lets a bias correction,
-    the learning rate and a diagonal preconditioner fold into one final
-    ``addcdiv_`` (as torch.optim's Adam does). ``owned`` says whether
-    ``tensors`` belong to the pipeline (may be changed in place) or are
-    someone's state (a momentum buffer, ``p.grad``).
+    ``env`` is what the optimizer provides (names, process group, generator,
+    per-parameter state), ``facts`` what blocks of this group's pipeline
+    produce for each other on this step, ``objective_l2`` the coefficient
+    ``c`` of ``½c‖θ‖²`` that the group's weight decay adds to the objective
+    (``None`` when it moves the parameters outside the objective: decoupled).
     """
 
-    tensors: list[torch.Tensor]
-    coef: float | list[float] = 1.0
-    owned: bool = False
-    denominator: list[torch.Tensor] | None = None
-    nonzero: bool = False  # the denominator cannot be 0 where finite (a damping floor); spares the check
-
-    @property
-    def plain(self) -> bool:
-        """No pending coefficient or denominator: ``tensors`` is the direction."""
-        return self.denominator is None and self.coef == 1.0
-
-    def scaled(self, c: float | list[float]) -> Direction:
-        return Direction(self.tensors, _mul(self.coef, c), self.owned, self.denominator, self.nonzero)
-
-    def materialize(self) -> Direction:
-        """The same direction as plain tensors the pipeline owns."""
-        tensors, owned = self.tensors, self.owned
-        if self.denominator is not None:
-            tensors, owned = list(torch._foreach_div(tensors, self.denominator)), True
-        if self.coef == 1.0:
-            return Direction(tensors, 1.0, True) if owned else Direction([t.clone() for t in tensors], 1.0, True)
-        if owned:
-            torch._foreach_mul_(tensors, self.coef)
-            return Direction(tensors, 1.0, True)
-        return Direction(list(torch._foreach_mul(tensors, self.coef)), 1.0, True)
-
-
-def _mul(a: float | list[float], b: float | list[float]) -> float | list[float]:
-    if isinstance(a, list) or isinstance(b, list):
-        n = len(a) if isinstance(a, list) else len(b)  # type: ignore[arg-type]
-        aa = a if isinstance(a, list) else [a] * n
-        bb = b if isinstance(b, list) else [b] * n
-        return [x * y for x, y in zip(aa, bb)]
-    return a * b
-
-
-def uniform(values: list[float]) -> float | list[float]:
-    """A list of per-tensor scalars, collapsed to one float when all are equal."""
-    first = values[0]
-    return first if all(v == first for v in values) else values
-
-
-@dataclass
-class GroupStep:
-    """The tensors of one param group for one ``step()`` call."""
-
-    optimizer: Optimizer
     group: dict[str, Any]
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
@@ -173,8 +143,11 @@ class GroupStep:
     steps: list[int]  # per-parameter step counts, after this step's increment
     step: int  # the optimizer's global step count (1-based)
     evaluation: Evaluation
+    env: Environment = field(default_factory=Environment)
     scope: list[torch.Tensor] = field(default_factory=list)  # every parameter this step's curvature serves
-    extra: dict[str, Any] = field(default_factory=dict)
+    facts: Facts = field(default_factory=Facts)
+    objective_l2: float | None = 0.0
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def gathered(self, key: str) -> list[torch.Tensor]:
         return [s[key] for s in self.states]
@@ -182,6 +155,64 @@ class GroupStep:
     @property
     def lr(self) -> float:
         return float(self.group["lr"])
+
+    def memo(self, owner: object, what: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per step for this group: a block's own per-step cache (e.g. its fresh
+        statistics, checked by the guard and then accumulated); ``owner`` is the block, so blocks never
+        see each other's entries. Shared by :meth:`part` views of the group."""
+        key = (id(owner), what)
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def part(self, idx: list[int]) -> GroupStep:
+        """The view of ``params[idx]`` (same group, evaluation, facts and per-step cache)."""
+        if len(idx) == len(self.params):
+            return self
+        return GroupStep(
+            self.group, [self.params[i] for i in idx], [self.grads[i] for i in idx], [self.states[i] for i in idx],
+            [self.steps[i] for i in idx], self.step, self.evaluation, self.env, self.scope, self.facts,
+            self.objective_l2, self._memo,
+        )
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a block serves in one optimizer, handed to :meth:`Block.stage` once when it is built.
+
+    ``groups``: the param groups whose pipeline holds the block (each with
+    its ``params`` and hyperparameters); ``all_groups``: every param group
+    (e.g. to see that a layer's weight and bias are in one group);
+    ``pipeline``: the blocks of that pipeline (configurations), so a block
+    can check its neighbours; ``pipelines``: every pipeline by rule name
+    (a param group's ``"rule"``: the step control spans them all);
+    ``env``: the optimizer's environment.
+    """
+
+    env: Environment
+    groups: tuple[dict[str, Any], ...]
+    all_groups: tuple[dict[str, Any], ...]
+    pipeline: PipelineBlocks
+    pipelines: Mapping[str, PipelineBlocks] = field(default_factory=dict)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters the block serves, in param-group order (frozen ones included)."""
+        return [p for g in self.groups for p in g["params"]]
+
+
+@dataclass(frozen=True)
+class PipelineBlocks:
+    """The blocks of one pipeline (a recipe's own, or a rule's), in the order they run."""
+
+    curvature: Curvature | None
+    structure: Structure | None
+    transforms: tuple[Transform, ...]
+    momentum: Momentum | None
+    decay: Decay
+
+    def blocks(self) -> list[Block]:
+        return [b for b in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay) if b is not None]
 
 
 # --- the kinds -----------------------------------------------------------------------------
@@ -223,10 +254,11 @@ class Curvature(Block, Interval):
         """What this block needs on ``step``: nothing on steps it does not refresh."""
         return self.needs() if self.due(step) else Needs()
 
-    def reduce_estimates(self, structure: Structure) -> bool:
-        """Under torch.distributed: whether ``structure``'s fresh estimates are means over this process's
-        batch, which the pipeline averages over the processes (the default), or already global (False:
-        built from DDP's averaged gradients, or averaged inside the block before a nonlinear step)."""
+    def reduce_estimates(self, fill: str) -> bool:
+        """Under torch.distributed: whether the fresh estimates this block makes for a structure that asks
+        for ``fill`` (:attr:`Structure.fill`) are means over this process's batch, which the pipeline
+        averages over the processes (the default), or already global (False: built from DDP's averaged
+        gradients, or averaged inside the block before a nonlinear step)."""
         return True
 
 
@@ -244,32 +276,18 @@ class DiagonalEstimate:
     scale: float = 1.0
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """One fresh curvature statistic and what it is, for the non-finite check and its message.
-
-    ``params``: the positions in ``ctx.params`` of the parameters it belongs
-    to (one for a diagonal or a gradient factor; a layer's weight and bias
-    for K-FAC factors; every parameter of a dense block). ``part``: which
-    statistic of them, e.g. ``"Kronecker factor 0 of 2, dims 256"`` (empty
-    for the one statistic of a parameter).
-    """
-
-    tensor: torch.Tensor
-    params: tuple[int, ...]
-    part: str = ""
-
-
-def per_parameter(tensors: list[torch.Tensor]) -> list[Estimate]:
-    """One estimate per parameter of the group, in order (diagonal statistics)."""
-    return [Estimate(t, (i,)) for i, t in enumerate(tensors)]
-
-
 class Structure(Block):
     """Stores the curvature and applies spectral transforms to directions."""
 
     kind: ClassVar[str] = "structure"
     form: ClassVar[str] = ""
+
+    @property
+    def fill(self) -> str:
+        """What the structure asks of its curvature: its ``form``, refined where one form is filled in
+        several ways (Kronecker: ``kronecker.layer`` from module hooks, ``kronecker.gradient`` from the
+        gradient)."""
+        return self.form
 
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         """Create this block's per-parameter state (called once per parameter)."""
@@ -308,6 +326,7 @@ class Transform(Block, Interval):
     kind: ClassVar[str] = "transform"
     spectral: ClassVar[bool] = False
     linear: ClassVar[bool] = True  # commutes with a scalar coefficient
+    solves: ClassVar[bool] = False  # applies (scale·C + λI)⁻¹: a structure may report the quadratic model of it
 
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         raise NotImplementedError
@@ -319,7 +338,20 @@ class Transform(Block, Interval):
 
 
 class Momentum(Block):
+    """Averages directions over steps: before the preconditioner (``position: pre``, Adam, Sophia) or after
+    it (``post``, K-FAC's momentum on the natural gradient)."""
+
     kind: ClassVar[str] = "momentum"
+
+    position: Literal["pre", "post"] = Field("pre", description="before (pre) or after (post) preconditioning")
+    beta: float = Field(0.9, ge=0.0, description="momentum factor; also the param-group value 'momentum' (schedulers change it)")
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {"momentum": self.beta}
+
+    def factor(self, ctx: GroupStep) -> float:
+        """This step's momentum factor: the param group's ``momentum`` (``OneCycleLR`` cycles it), else ``beta``."""
+        return float(ctx.group.get("momentum", self.beta))
 
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         """Create this block's per-parameter state (called once per parameter)."""
@@ -339,6 +371,10 @@ class Step(Block):
 
     kind: ClassVar[str] = "step"
 
+    def prepare(self, ctxs: list[GroupStep]) -> None:
+        """Before any direction is built: put the facts this step control produces into each group's
+        ``ctx.facts`` (step 'lm': the damping it adapts, for transform 'inverse')."""
+
     def scale(self, ctxs: list[GroupStep], directions: list[Direction]) -> list[Direction]:
         return directions
 
@@ -356,6 +392,12 @@ class Decay(Block):
 
     def parameters(self, ctx: GroupStep) -> None:
         """Adjust ``ctx.params`` right before the update is applied."""
+
+    def objective_l2(self, weight_decay: float) -> float | None:
+        """The coefficient ``c`` of the ``½c‖θ‖²`` this decay adds to the objective that the gradient is of
+        (line searches and Levenberg–Marquardt compare losses of that objective), or ``None`` when it
+        moves the parameters outside the objective."""
+        return 0.0 if not weight_decay else None
 
 
 KIND_BASES: dict[str, type[Block]] = {

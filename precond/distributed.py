@@ -1,4 +1,4 @@
-"""Who owns which preconditioner block: a deterministic, cost-balanced assignment (pure shape logic).
+"""Who owns which preconditioner block: a deterministic, cost-balanced assignment, and how results travel.
 
 The foundation of sharded preconditioner work (docs/distributed.md#block-first-then-assign,
 docs/algorithms.md#distributed-averaging): *block first, then assign*. Every parameter is cut into the
@@ -7,9 +7,12 @@ at ``max_dim``); each block is one unit of ownership with a cost (``dim³`` per
 factor for eigendecompositions, ``dim²`` for memory); blocks go to ranks by a
 greedy bin-packing — largest first, each to the currently least-loaded rank.
 
-Everything here is a pure function of shapes and the world size: no process
+The assignment is a pure function of shapes and the world size: no process
 group, no tensors. The same inputs give the same assignment on every rank,
 in every run, so checkpoints resume and the assignment is testable on CPU.
+:class:`Comm` is what an optimizer needs from its process group, and
+:class:`Ownership` the one helper the structures that own blocks (``kronecker``,
+``full``) use for owners and exchanges.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import heapq
 import math
 from dataclasses import dataclass
 from collections import Counter
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Callable, Hashable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -26,6 +29,7 @@ from precond.linalg.kron import BlockPartition, block_partition
 
 __all__ = [
     "Comm",
+    "Ownership",
     "Block",
     "assign_blocks",
     "assign_named",
@@ -306,3 +310,78 @@ class Comm:
             cursor[owner] = at
             out.append((status, tensors if status > 0 else None))
         return out
+
+
+class Ownership:
+    """Which process owns each of a structure's blocks, and how the owners' results reach every process.
+
+    A structure says what a block is (a name that is the same on every process, a
+    cost) and what travels (the shapes of a result); this helper holds the owner
+    tables (:func:`assign_named`, made once per set of blocks) and runs both
+    modes of ``distributed.mode`` (docs/distributed.md) through :meth:`share`:
+
+    * replicated — *owner computes, all receive*: each process computes the blocks
+      it owns (an eigendecomposition, what is derived from it) and every process
+      keeps every result;
+    * sharded — *owner keeps, all receive updates*: only the owner keeps a block's
+      state (:meth:`keeps`) and computes its part of the update; every process
+      receives the updates.
+
+    In one process every block is this process's and nothing travels.
+    """
+
+    def __init__(self, comm: Comm) -> None:
+        self.comm = comm
+        self.active = comm.active  # several processes (fixed with the process group)
+        self.sharded = comm.sharded
+        self._tables: dict[Hashable, dict[str, int]] = {}
+
+    def owners(
+        self, names: Sequence[str], key: Hashable, everything: Callable[[], Iterable[tuple[str, float]]]
+    ) -> list[int]:
+        """The owner of each named block.
+
+        ``everything()`` gives every block the work is balanced over, ``(name, cost)``
+        (e.g. ``Σ dim³`` of its eigendecompositions): a superset of ``names`` such as
+        all blocks of a param group, so that a parameter without a gradient on some
+        step moves no other block. It is called once per ``key``.
+        """
+        if not self.comm.active:
+            return [self.comm.rank] * len(names)
+        table = self._tables.get(key)
+        if table is None:
+            named = list(everything())
+            table = self._tables[key] = dict(zip((n for n, _ in named), self.comm.owners(named)))
+        return [table[n] for n in names]
+
+    def mine(self, owner: int) -> bool:
+        """Whether this process owns a block of ``owner``."""
+        return owner == self.comm.rank
+
+    def keeps(self, owner: int) -> bool:
+        """Whether this process keeps the state of a block of ``owner``: every process does (replicated),
+        or the owner alone (sharded)."""
+        return not self.comm.sharded or owner == self.comm.rank
+
+    def share(
+        self,
+        owners: Sequence[int] | None,
+        shapes: Sequence[Sequence[Sequence[int]]],
+        compute: Callable[[list[int]], Sequence[Result]],
+        dtype: torch.dtype,
+    ) -> list[Result]:
+        """Owner computes, all receive: every block's ``(status, tensors)``.
+
+        ``compute(indices)`` gives the result of each block this process owns
+        (status ``> 0``: ``tensors`` of ``shapes[i]``; ``0``: nothing, e.g. no
+        statistics yet; ``< 0``: a failure the others must know of); one all-gather
+        (:meth:`Comm.exchange`, through ``dtype``) hands every process every block's,
+        with ``tensors`` None where the status is not positive. ``owners=None``:
+        this process computes every block and nothing travels (the blocks are its
+        own, e.g. those it keeps in sharded mode).
+        """
+        if owners is None or not self.comm.active:
+            return list(compute(list(range(len(shapes)))))
+        mine = [i for i, o in enumerate(owners) if o == self.comm.rank]
+        local = dict(zip(mine, compute(mine)))
+        return self.comm.exchange(list(zip(owners, shapes)), local, dtype)

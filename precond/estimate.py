@@ -15,6 +15,7 @@ from torch import nn
 
 from precond import registry
 from precond.block import Curvature, GroupStep
+from precond.interfaces import Environment, param_info
 from precond.errors import PipelineError, RecipeError
 from precond.evaluation import evaluate
 from precond.likelihood import get_likelihood
@@ -31,7 +32,7 @@ def estimate(
     seed: int = 0,
     generator: torch.Generator | None = None,
     **options: Any,
-) -> dict[str, torch.Tensor] | torch.Tensor:
+) -> dict[str, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]] | torch.Tensor:
     """Estimate the curvature of the loss ``closure()`` returns (the batch mean).
 
     ``estimator``: a curvature block name (``"hessian"``, ``"gauss_newton"``,
@@ -76,21 +77,22 @@ def estimate(
     captured = OutputGradient(closure) if lik is not None and block.needs().likelihood else None
     try:
         ev = evaluate(captured or closure, params, block.needs(), f"curvature '{block.name}'")
-        if captured is not None:  # ∂loss/∂outputs from the backward pass evaluate ran: no extra pass
-            warn_if_mismatch(lik, captured, f"precond.estimate('{block.name}', likelihood='{lik.name}')", stacklevel=2)  # type: ignore[union-attr]
-        ev.model = model
-        ev.likelihood = lik
-        ev.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        if captured is not None and lik is not None:  # ∂loss/∂outputs from the backward pass evaluate ran: no extra pass
+            warn_if_mismatch(lik, captured, f"precond.estimate('{block.name}', likelihood='{lik.name}')", stacklevel=2)
+        ev.env = Environment(
+            recipe=f"precond.estimate('{block.name}')", info=param_info(model), model=model, likelihood=lik,
+            generator=generator if generator is not None else torch.Generator(device=params[0].device).manual_seed(seed),
+        )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        ctx = GroupStep(None, {}, params, grads, [{} for _ in params], [1] * len(params), 1, ev, scope=params)  # type: ignore[arg-type]
+        ctx = GroupStep({}, params, grads, [{} for _ in params], [1] * len(params), 1, ev, ev.env, scope=params)
         with torch.no_grad():
             if recorder is not None:
                 from precond.layers import estimate_factors
 
-                return estimate_factors(block, ctx, recorder)  # type: ignore[return-value]
+                return estimate_factors(block, ctx, recorder)
             if structure == "diagonal":
                 est = block.diagonal(ctx)
-                values = est.values if est.values is not None else [r * r for r in est.roots]  # type: ignore[union-attr]
+                values = est.values if est.values is not None else [r * r for r in est.roots or []]
                 return {n: (v * est.scale).detach().clone() for (n, _), v in zip(named, values)}
             return getattr(block, structure)(ctx).detach()
     finally:
@@ -111,7 +113,9 @@ def _block(estimator: str | Curvature, options: dict[str, Any]) -> Curvature:
     except KeyError as exc:
         raise RecipeError(str(exc.args[0])) from None
     try:
-        return cls(**options)  # type: ignore[return-value]
+        block = cls(**options)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise RecipeError(f"curvature '{estimator}': {problems}") from None
+    assert isinstance(block, Curvature)  # the registry's curvature kind holds Curvature subclasses
+    return block

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from precond.block import Needs
 from precond.errors import PipelineError
+from precond.interfaces import Environment, Needs
 
 PLAIN_IDIOM = "loss.backward(); opt.step()"
 
@@ -24,11 +25,21 @@ class Evaluation:
     params: list[torch.Tensor] = field(default_factory=list)
     graph_grads: dict[torch.Tensor, torch.Tensor] | None = None  # differentiable gradients (create_graph)
     closure: Callable[[], Any] | None = None
-    model: nn.Module | None = None
-    likelihood: Any = None  # a precond.likelihood.Likelihood, when the recipe names one
-    generator: torch.Generator | None = None
-    comm: Any = None  # a precond.distributed.Comm under torch.distributed (None: one process)
+    env: Environment = field(default_factory=Environment)  # the optimizer's (set by whoever runs the step)
     memo: dict[Any, Any] = field(default_factory=dict)  # per-step results shared across param groups
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self.env.model
+
+    @property
+    def likelihood(self) -> Any:
+        """A :class:`precond.likelihood.Likelihood`, when one was given."""
+        return self.env.likelihood
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.env.generator
 
     def require_outputs(self, who: str) -> torch.Tensor:
         out = self.outputs
@@ -41,12 +52,12 @@ class Evaluation:
     @property
     def distributed(self) -> bool:
         """Whether this step runs on several processes (estimates from local data must be averaged)."""
-        return self.comm is not None and self.comm.active
+        return self.env.comm.active
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` over the processes in place (nothing in one process)."""
         if self.distributed:
-            self.comm.mean_(tensors)
+            self.env.comm.mean_(tensors)
 
     def rows(self, m: int) -> tuple[int, int] | None:
         """This process's first row and the global row count (None in one process)."""
@@ -54,7 +65,7 @@ class Evaluation:
             return None
         key = ("rows", m)
         if key not in self.memo:
-            self.memo[key] = self.comm.rows(m)
+            self.memo[key] = self.env.comm.rows(m)
         return self.memo[key]
 
     def require_likelihood(self, who: str) -> Any:
@@ -64,6 +75,17 @@ class Evaluation:
                 "(cross-entropy) or likelihood='gaussian' (squared error) to precond.build"
             )
         return self.likelihood
+
+
+def twice_differentiable(on: bool) -> contextlib.AbstractContextManager[Any]:
+    """Inside: ``F.scaled_dot_product_attention`` takes its math kernel, whose backward is differentiable (the
+    fused CPU and CUDA kernels have no double backward). Used for the forward passes whose gradient precond
+    differentiates again (Hessian-vector products, ``create_graph``)."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def evaluate(
@@ -89,7 +111,7 @@ def evaluate(
         return Evaluation(params=params)
     for p in params:
         p.grad = None
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable(needs.create_graph):
         result = closure()
     loss, outputs = (result[0], result[1]) if isinstance(result, (tuple, list)) and len(result) >= 2 else (result, None)
     if isinstance(loss, (tuple, list)) and len(loss) == 1:

@@ -86,7 +86,7 @@ def summarize(
             out = model(x)
             return F.cross_entropy(out, y), out
 
-    params = assign_rules(model, recipe) if recipe.rules else list(model.parameters())  # type: ignore[attr-defined]
+    params = assign_rules(model, recipe) if recipe.rules else list(model.parameters())
     opt = Optimizer(params, recipe, model=model, likelihood=likelihood)
     rule_of = {p: g["rule"] for g in opt.param_groups for p in g["params"]}
     assignment = [(info.name, type(info.module).__name__, rule_of[p]) for p, info in opt.param_info.items() if p in rule_of]

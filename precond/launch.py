@@ -1,28 +1,24 @@
-"""Several processes for ``precond train --nproc N``: a torchrun-compatible launcher and the process group.
+"""Several processes for ``precond train --nproc N``: torchrun starts them, :func:`process_group` joins them.
 
-``launch(N, argv)`` starts ``python -m precond.cli <argv>`` N times with the
-environment torchrun gives its workers (``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so
-``torchrun --nproc-per-node N -m precond.cli train ...`` runs the same code.
-Each worker joins the gloo process group from that environment
-(:func:`process_group`). If a worker fails, the others are stopped (they
-would wait in a collective forever) and its exit status is returned.
+``launch(N, argv)`` is ``torchrun --standalone --nproc-per-node N -m precond.cli <argv>`` run in this
+process through torch's own launcher (:mod:`torch.distributed.run`), so ``torchrun --nproc-per-node N
+-m precond.cli train ...`` runs the same code. Each worker joins the gloo process group from the
+environment torchrun gives it (:func:`process_group`). When a worker fails, torchrun stops the others
+(they would wait in a collective forever); :func:`launch` returns the exit status of the first worker
+that failed, which is the status of the run: every worker ends on the same decision (2 a refused
+recipe, 3 diverged, 4 an error) and leaves only after all have reached the barrier of
+:func:`process_group`.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch.distributed as dist
 
-
-GRACE_S = 30.0  # after one process fails, how long the others may take to finish before they are stopped
+EXIT_INTERRUPTED = 130
 
 
 def launched() -> bool:
@@ -30,41 +26,30 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``python -m precond.cli *argv`` in ``nproc`` processes; rank 0's exit status (or a failure's)."""
-    port = _free_port()
-    procs = []
-    for rank in range(nproc):
-        env = {
-            **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "RANK": str(rank), "LOCAL_RANK": str(rank),
-        }
-        procs.append(subprocess.Popen([sys.executable, "-m", "precond.cli", *argv], env=env))
+    """Run ``python -m precond.cli *argv`` in ``nproc`` processes under torchrun; the exit status of the run."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # torchrun sets this for its workers anyway, with a banner; the runs set their threads themselves (--threads)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "precond.cli"])
+    args.training_script_args = list(argv)  # not parsed: torchrun's parser would take --nproc for its own
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c is not None for c in codes):
-                break
-            time.sleep(0.05)
-        # a process that stopped with a status of its own (a diverged run: 3) may be ahead of process 0,
-        # which is still writing the results: give the others a moment to finish before stopping them
-        deadline = time.monotonic() + GRACE_S
-        while failed and any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        torchrun.run(args)
+    except ChildFailedError as exc:
+        return _exit_status(exc.get_first_failure()[1].exitcode)
     except KeyboardInterrupt:
-        failed = [130]
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    codes = [p.wait() for p in procs]
-    return failed[0] if failed else codes[0]
+        return EXIT_INTERRUPTED
+    except SignalException as exc:  # the launcher got SIGINT or SIGTERM; torchrun has stopped the workers
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def _exit_status(code: int) -> int:
+    """A worker's exit code as a shell reports it: a signal's ``-N`` becomes ``128 + N``."""
+    return 128 - code if code < 0 else code
 
 
 @contextmanager

@@ -135,15 +135,15 @@ def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
         for k, d in zip(reversed(m.kernel_size), reversed(m.dilation)):
             total = d * (k - 1)
             out += [total // 2, total - total // 2]
-        return tuple(out)  # type: ignore[return-value]
-    ph, pw = m.padding  # type: ignore[misc]
+        return (out[0], out[1], out[2], out[3])
+    ph, pw = m.padding  # type: ignore[misc]  # ints here: the string forms returned above
     return (pw, pw, ph, ph)
 
 
 def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> dict[Tensor, Layer]:
     """Map each parameter to its layer; a parameter K-FAC cannot cover fails with a message suggesting a rule.
 
-    ``info`` is :attr:`precond.optimizer.Optimizer.param_info`.
+    ``info`` maps parameters to their names and modules (:attr:`precond.interfaces.Environment.info`).
     """
     members: list[tuple[Tensor, int]] = []  # each parameter and its module's id
     roles: dict[int, tuple[Any, dict[str, Tensor]]] = {}  # module id -> (its info, {role: parameter})

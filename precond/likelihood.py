@@ -205,7 +205,7 @@ class Categorical(Likelihood):
         probs = torch.softmax(logits.to(compute_dtype), dim=-1).reshape(-1, num_classes)
         k = 1 if samples is None else samples
         first, total = _rows(rows, probs.shape[0])
-        u = torch.rand(k, total, generator=generator, dtype=compute_dtype)[:, first : first + probs.shape[0]]
+        u = torch.rand(k, total, generator=generator, dtype=compute_dtype, device=generator.device)[:, first : first + probs.shape[0]]
         cdf = probs.cumsum(-1)
         drawn = torch.searchsorted(cdf, u.T.to(logits.device).contiguous(), right=True).clamp_(max=num_classes - 1)  # (M, k)
         drawn = drawn.transpose(0, 1).reshape(k, *batch_shape)
@@ -266,7 +266,7 @@ class Gaussian(Likelihood):
         k, d = 1 if samples is None else samples, mean.shape[-1]
         m = mean.numel() // d if d else 0
         first, total = _rows(rows, m)
-        noise = torch.randn(k, total, d, generator=generator, dtype=mean.dtype)[:, first : first + m].to(mean.device)
+        noise = torch.randn(k, total, d, generator=generator, dtype=mean.dtype, device=generator.device)[:, first : first + m].to(mean.device)
         noise = noise.reshape(mean.shape if samples is None else (samples, *mean.shape))
         return mean + scale * noise
 

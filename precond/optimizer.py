@@ -13,18 +13,19 @@ with no method-specific branches: blocks declare what they need
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+import hashlib
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from precond.block import Direction, Estimate, GroupStep, Needs, PipelineBlocks, Served, Step
 from precond.distributed import Comm
-from precond.block import Curvature, Decay, Direction, Estimate, GroupStep, Momentum, Needs, Step, Structure, Transform
 from precond.errors import CheckpointError, PipelineError
 from precond.evaluation import Evaluation, evaluate
 from precond.guard import Guard
+from precond.interfaces import Environment, ParamInfo, param_info  # noqa: F401  (ParamInfo, param_info: re-exported)
 from precond.likelihood import get_likelihood
 from precond.likelihood_check import OutputGradient, warn_if_mismatch
 from precond.recipe import Recipe, fingerprint
@@ -33,63 +34,63 @@ STATE_VERSION = 1
 DEFAULT_RULE = "default"
 
 
-@dataclass(frozen=True)
-class ParamInfo:
-    """Where a parameter lives in the model: for layer-wise blocks and messages."""
-
-    name: str  # "layer1.weight"
-    module_name: str  # "layer1"
-    module: nn.Module
-    role: str  # "weight", "bias", ...
-
-
-def param_info(model: nn.Module) -> dict[torch.Tensor, ParamInfo]:
-    """Each parameter's owning module (the first module that registers it)."""
-    out: dict[torch.Tensor, ParamInfo] = {}
-    for module_name, module in model.named_modules():
-        for role, p in module.named_parameters(recurse=False):
-            if p not in out:
-                name = f"{module_name}.{role}" if module_name else role
-                out[p] = ParamInfo(name, module_name, module, role)
+def group_defaults(recipe: Recipe) -> dict[str, Any]:
+    """The param-group hyperparameters a recipe's own blocks read on every step (``momentum``), initialised."""
+    out: dict[str, Any] = {}
+    for block in pipeline_blocks(recipe).blocks():
+        out.update(block.group_defaults())
     return out
 
 
-@dataclass(frozen=True)
+def pipeline_blocks(recipe: Recipe) -> PipelineBlocks:
+    """A recipe's own blocks (not its rules' or its step control), in the order they run."""
+    return PipelineBlocks(recipe.curvature, recipe.structure, tuple(recipe.transform), recipe.momentum, recipe.decay)
+
+
 class Pipeline:
-    """The per-group blocks of one recipe, in the order they run."""
+    """The per-group stages of one recipe (its own, or a rule's), in the order they run.
 
-    curvature: Curvature | None
-    structure: Structure | None
-    transforms: tuple[Transform, ...]
-    momentum: Momentum | None
-    decay: Decay
+    ``config`` holds the blocks' configurations; the attributes ``curvature`` ...
+    ``decay`` their stages in this optimizer (:meth:`precond.block.Block.stage`:
+    the block itself unless it keeps runtime state).
+    """
 
-    @classmethod
-    def of(cls, recipe: Recipe) -> Pipeline:
-        return cls(recipe.curvature, recipe.structure, tuple(recipe.transform), recipe.momentum, recipe.decay)  # type: ignore[attr-defined]
+    def __init__(self, config: PipelineBlocks, served: Served) -> None:
+        self.config = config
 
-    def blocks(self) -> list[Any]:
+        def stage(block: Any) -> Any:
+            return None if block is None else block.stage(served)
+
+        self.curvature = stage(config.curvature)
+        self.structure = stage(config.structure)
+        self.transforms = tuple(stage(t) for t in config.transforms)
+        self.momentum = stage(config.momentum)
+        self.decay = stage(config.decay)
+        self.pre = config.momentum is not None and config.momentum.position == "pre"
+
+    def stages(self) -> list[Any]:
         return [b for b in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay) if b is not None]
 
     def needs(self) -> Needs:
         """What the pipeline may need on some step (the plain idiom must satisfy this)."""
         out = Needs()
-        for block in self.blocks():
+        for block in self.config.blocks():
             out = out | block.needs()
         return out
 
     def needs_at(self, step: int) -> Needs:
         """What the pipeline needs on ``step`` (a curvature block only on its refresh steps)."""
         out = Needs()
-        for block in self.blocks():
-            out = out | (block.needs_at(step) if block is self.curvature else block.needs())
+        for block in self.config.blocks():
+            out = out | (block.needs_at(step) if block is self.config.curvature else block.needs())
         return out
 
     def update_may_be_nonfinite(self) -> bool:
         """False when finite gradients and estimates provably give a finite update (Adam, SGD, Sophia)."""
-        nonnegative = self.curvature is None or self.curvature.nonnegative()
-        form = self.structure.form if self.structure is not None else ""
-        return not all(t.keeps_finite(form, nonnegative) for t in self.transforms)
+        c = self.config
+        nonnegative = c.curvature is None or c.curvature.nonnegative()
+        form = c.structure.form if c.structure is not None else ""
+        return not all(t.keeps_finite(form, nonnegative) for t in c.transforms)
 
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         for block in (self.structure, self.momentum):
@@ -99,17 +100,17 @@ class Pipeline:
     def direction(self, ctx: GroupStep) -> Direction:
         """Momentum (pre), then the transforms: the preconditioned direction."""
         d = Direction(ctx.grads, 1.0, False)
-        if self.momentum is not None and self.momentum.position == "pre":  # type: ignore[attr-defined]
+        if self.pre:
             d = self.momentum.apply(ctx, d)
         for t in self.transforms:
             if not t.linear or d.denominator is not None:
                 d = d.materialize()
-            d = self.structure.precondition(ctx, t, d) if t.spectral else t.apply(ctx, d)  # type: ignore[union-attr]
+            d = self.structure.precondition(ctx, t, d) if t.spectral else t.apply(ctx, d)
         return d
 
     def post(self, ctx: GroupStep, d: Direction) -> Direction:
         """Momentum after preconditioning (K-FAC), if any."""
-        if self.momentum is not None and self.momentum.position == "post":  # type: ignore[attr-defined]
+        if self.momentum is not None and not self.pre:
             d = self.momentum.apply(ctx, d)
         return d
 
@@ -138,38 +139,51 @@ class Optimizer(torch.optim.Optimizer):
             self.likelihood = None if likelihood is None else get_likelihood(likelihood)
         except ValueError as exc:
             raise PipelineError(str(exc)) from None
-        defaults = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "rule": DEFAULT_RULE}
+        defaults = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "rule": DEFAULT_RULE, **group_defaults(recipe)}
         super().__init__(params, defaults)
         self.recipe = recipe
         self.model = model
-        self.pipelines = {DEFAULT_RULE: Pipeline.of(recipe)}
-        for rule in recipe.rules:  # type: ignore[attr-defined]
-            self.pipelines[rule.name] = Pipeline.of(rule.recipe)
-        unknown = {g["rule"] for g in self.param_groups} - set(self.pipelines)
+        configs = {DEFAULT_RULE: pipeline_blocks(recipe)}
+        for rule in recipe.rules:
+            configs[rule.name] = pipeline_blocks(rule.recipe)
+        unknown = {g["rule"] for g in self.param_groups} - set(configs)
         if unknown:
             raise PipelineError(f"param groups name rules {sorted(unknown)} that the recipe does not define")
-        self.step_control: Step = recipe.step  # type: ignore[attr-defined]
         self.param_info = param_info(model) if model is not None else {}
-        self.needs = self.step_control.needs()
-        for pipeline in self.pipelines.values():
-            self.needs = self.needs | pipeline.needs()
+        self.needs = recipe.step.needs()
+        for config in configs.values():
+            for block in config.blocks():
+                self.needs = self.needs | block.needs()
         if (self.needs.hooks or self.needs.model) and model is None:
             raise PipelineError(
                 f"recipe '{recipe.name}' needs {' and '.join(self.needs.names())}: pass the nn.Module to "
                 "precond.build(recipe, model), not its parameters"
             )
-        self.comm = Comm(recipe.distributed.mode)  # type: ignore[attr-defined]
-        self._refuse_distributed_problems()
+        self.comm = Comm(recipe.distributed.mode)
+        self._refuse_distributed_problems(configs)
         self._ranks_checked = False
         self._index: dict[torch.Tensor, int] | None = None
-        self.generator = torch.Generator().manual_seed(seed)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # probes and labels drawn where they are used
         self.global_step = 0
         self.guard = Guard(recipe.on_nonfinite, recipe.max_nonfinite)
-        self._blocks = self._all_blocks()
-        for block in self._blocks:
-            block.setup(self)
+        self.env = Environment(
+            recipe=recipe.name, info=self.param_info, comm=self.comm, model=model, likelihood=self.likelihood,
+            generator=self.generator, state_of=self._state_of, index=self.index_of,
+        )
+        groups = tuple(self.param_groups)
+        self.pipelines = {
+            rule: Pipeline(config, Served(self.env, tuple(g for g in groups if g["rule"] == rule), groups, config, configs))
+            for rule, config in configs.items()
+        }
+        self.step_control: Step = recipe.step.stage(Served(self.env, groups, groups, configs[DEFAULT_RULE], configs))
+        self._stages = [self.step_control] + [s for pipe in self.pipelines.values() for s in pipe.stages()]
         self._refuse_missing_likelihood()  # after the blocks' own checks (which pairs of blocks work at all)
         self._likelihood_checked = self.likelihood is None  # the first step compares the loss with it
+
+    def _state_of(self, param: torch.Tensor) -> dict[str, Any]:
+        return self.state[param]  # looked up on every call: load_state_dict replaces self.state
 
     def index_of(self, param: torch.Tensor) -> int:
         """The parameter's position over all param groups: a stable name (e.g. for block owners)."""
@@ -177,41 +191,37 @@ class Optimizer(torch.optim.Optimizer):
             self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return self._index[param]
 
-    def pipeline_params(self, pipeline: Pipeline) -> list[torch.Tensor]:
-        """The parameters whose param group runs ``pipeline``."""
-        return [p for g in self.param_groups if self.pipelines[g["rule"]] is pipeline for p in g["params"]]
-
     # --- one step ----------------------------------------------------------------------
 
-    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]  # torch's stub: float | None
         upcoming = self.global_step + 1
         try:
             ev = self._evaluate(closure, upcoming)
             with torch.no_grad():
                 problem = self._update(ev, upcoming)
         finally:
-            for block in self._blocks:
-                block.after_step(self)
+            for stage in self._stages:
+                stage.after_step()
         self.guard.record(problem, upcoming)
         return ev.loss
 
     def _evaluate(self, closure: Callable[[], Any] | None, step: int) -> Evaluation:
         needs = self.needs if closure is None else self._needs_at(step)  # the plain idiom must serve every step
-        for block in self._blocks:
-            block.before_closure(self, step)
+        for stage in self._stages:
+            stage.before_closure(step)
         params = self._trainable()
         captured = None
-        if closure is not None and not self._likelihood_checked:  # once: is the loss the likelihood's?
-            self._likelihood_checked = True
+        if closure is not None and self.likelihood is not None and not self._likelihood_checked:
+            self._likelihood_checked = True  # once: is the loss the likelihood's?
             closure = captured = OutputGradient(closure)
         ev = evaluate(closure, params, needs, f"recipe '{self.recipe.name}'")
-        if captured is not None:  # from the step's own backward pass: no extra work
-            warn_if_mismatch(self.likelihood, captured, f"recipe '{self.recipe.name}' with likelihood='{self.likelihood.name}'", stacklevel=4)  # type: ignore[union-attr]
-        ev.model, ev.likelihood, ev.generator, ev.comm = self.model, self.likelihood, self.generator, self.comm
+        if captured is not None and self.likelihood is not None:  # from the step's own backward pass: no extra work
+            warn_if_mismatch(self.likelihood, captured, f"recipe '{self.recipe.name}' with likelihood='{self.likelihood.name}'", stacklevel=4)
+        ev.env = self.env
         if self.comm.active and ev.graph_grads is not None:
             # torch.autograd.grad (for a differentiable gradient) bypasses DDP's reducer: average here
             have = [p for p in params if p.grad is not None]
-            grads = [p.grad.clone() for p in have]  # the detached grads share memory with the graph's
+            grads = [p.grad.clone() for p in have if p.grad is not None]  # the detached grads share memory with the graph's
             self.comm.mean_(grads)
             for p, g in zip(have, grads):
                 p.grad = g
@@ -219,15 +229,14 @@ class Optimizer(torch.optim.Optimizer):
 
     def _update(self, ev: Evaluation, step: int) -> str | None:
         """One step of the pipeline; returns what was non-finite (the step then changes nothing) or None."""
-        if ev.loss is not None and self.guard.active and not bool(torch.isfinite(ev.loss)):
-            return f"the loss is {ev.loss.item()}"
+        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        problem = self._check_gradients(live, ev.loss)  # before any state exists or changes
+        if problem:
+            return problem
         ctxs = [c for c in (self._gather(g, ev, step) for g in self.param_groups) if c.params]
         pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
         if self.comm.active and not self._ranks_checked:
             self._check_ranks_agree(ctxs)
-        problem = self._check_gradients(ctxs)
-        if problem:
-            return problem
         scopes: dict[int, list[torch.Tensor]] = {}
         for ctx, pipe in zip(ctxs, pipes):
             ctx.scope = scopes.setdefault(id(pipe.curvature), [])
@@ -242,7 +251,8 @@ class Optimizer(torch.optim.Optimizer):
             for s in ctx.states:
                 s["step"] += 1
         for ctx, pipe in due:
-            pipe.structure.update(ctx, pipe.curvature)  # type: ignore[union-attr,arg-type]
+            pipe.structure.update(ctx, pipe.curvature)
+        self.step_control.prepare(ctxs)
         directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
         directions = self.step_control.scale(ctxs, directions)
         directions = [pipe.post(ctx, d) for ctx, d, pipe in zip(ctxs, directions, pipes)]
@@ -256,19 +266,28 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- the non-finite checks (precond.guard) ------------------------------------------
 
-    def _check_gradients(self, ctxs: list[GroupStep]) -> str | None:
-        params = [p for c in ctxs for p in c.params]
-        return self.guard.check([g for c in ctxs for g in c.grads], lambda i: f"non-finite gradient in {self._name(params[i])}")
+    def _check_gradients(self, params: list[torch.Tensor], loss: torch.Tensor | None) -> str | None:
+        """The loss and the gradients, in one reduction (one host synchronisation per step)."""
+        if any(p.grad is not None and p.grad.is_sparse for p in params):
+            raise PipelineError("precond does not support sparse gradients")
+        first = [] if loss is None else [loss.reshape(())]
+
+        def describe(i: int) -> str:
+            if first and i == 0:
+                return f"the loss is {loss.item()}"  # type: ignore[union-attr]  # first is not empty: a loss
+            return f"non-finite gradient in {self._name(params[i - len(first)])}"
+
+        return self.guard.check(first + [p.grad for p in params if p.grad is not None], describe)
 
     def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]]) -> str | None:
         """The fresh estimates, averaged over the processes where they come from local data, then checked.
 
-        Each estimate says what it is (:class:`precond.block.Estimate`): a structure may keep several per
-        parameter (Kronecker factors, secant pairs) or one for several parameters (a dense block).
+        Each estimate says what it is (:class:`precond.interfaces.Estimate`): a structure may keep several
+        per parameter (Kronecker factors, secant pairs) or one for several parameters (a dense block).
         """
-        fresh = [(ctx, pipe, _estimates(pipe.structure.estimates(ctx, pipe.curvature), len(ctx.params))) for ctx, pipe in due]  # type: ignore[union-attr,arg-type]
+        fresh = [(ctx, pipe, _estimates(pipe.structure.estimates(ctx, pipe.curvature), len(ctx.params))) for ctx, pipe in due]
         if self.comm.active:
-            self.comm.mean_([e.tensor for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.structure) for e in est])  # type: ignore[union-attr,arg-type]
+            self.comm.mean_([e.tensor for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.config.structure.fill) for e in est])
         for ctx, pipe, est in fresh:
             problem = self.guard.check([e.tensor for e in est], lambda i: self._describe_estimate(ctx, pipe, est[i]))  # noqa: B023
             if problem:
@@ -279,15 +298,16 @@ class Optimizer(torch.optim.Optimizer):
         """``curvature 'x' is non-finite for parameter 'fc1.weight' (Kronecker factor 0 of 2, dims 256)``."""
         params = [ctx.params[i] for i in estimate.params if 0 <= i < len(ctx.params)]
         who = self._names(params)
-        where = f"{estimate.part}, in structure '{pipe.structure.name}'" if estimate.part else f"structure '{pipe.structure.name}'"  # type: ignore[union-attr]
-        return f"curvature '{pipe.curvature.name}' is non-finite for {who} ({where})"  # type: ignore[union-attr]
+        structure, curvature = pipe.structure.name, pipe.curvature.name
+        where = f"{estimate.part}, in structure '{structure}'" if estimate.part else f"structure '{structure}'"
+        return f"curvature '{curvature}' is non-finite for {who} ({where})"
 
     def _check_updates(self, ctxs: list[GroupStep], pipes: list[Pipeline], directions: list[Direction]) -> str | None:
         """Statistics advanced already (from finite inputs); a non-finite update leaves the parameters."""
         for ctx, pipe, d in zip(ctxs, pipes, directions):
             if not self.guard.active or not pipe.update_may_be_nonfinite():
                 continue
-            blocks = ", ".join(b.name for b in pipe.blocks())
+            blocks = ", ".join(b.name for b in pipe.config.blocks())
             problem = self.guard.check(
                 d.tensors,
                 lambda i: f"the update of {self._name(ctx.params[i])} is non-finite (blocks {blocks}); parameters unchanged",  # noqa: B023
@@ -304,13 +324,13 @@ class Optimizer(torch.optim.Optimizer):
         if self.likelihood is not None:
             return
         used = {g["rule"] for g in self.param_groups}
+        subs = {DEFAULT_RULE: self.recipe, **{r.name: r.recipe for r in self.recipe.rules}}
         for rule, pipe in self.pipelines.items():
-            blocks = ([self.step_control] if rule == DEFAULT_RULE else []) + (pipe.blocks() if rule in used else [])
+            blocks = ([self.recipe.step] if rule == DEFAULT_RULE else []) + (pipe.config.blocks() if rule in used else [])
             for block in blocks:
                 if not block.needs().likelihood:
                     continue
-                sub = self.recipe if rule == DEFAULT_RULE else next(r.recipe for r in self.recipe.rules if r.name == rule)  # type: ignore[attr-defined]
-                where = f"recipe '{self.recipe.name}'" + (f", rule '{rule}' (recipe '{sub.name}')" if rule != DEFAULT_RULE else "")
+                where = f"recipe '{self.recipe.name}'" + (f", rule '{rule}' (recipe '{subs[rule].name}')" if rule != DEFAULT_RULE else "")
                 raise PipelineError(
                     f"{where}: {block.kind} '{block.name}' needs a likelihood, the distribution the model predicts "
                     "(it samples labels from the model or uses the loss's Hessian in the outputs). Pass "
@@ -320,19 +340,17 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- several processes (precond.distributed) -----------------------------------------
 
-    def _refuse_distributed_problems(self) -> None:
+    def _refuse_distributed_problems(self, configs: dict[str, PipelineBlocks]) -> None:
         """Under torch.distributed, refuse a recipe with a block that would let the processes drift apart."""
         if not self.comm.active:
             return
-        problems = [p for p in (b.distributed_problem() for b in self._all_blocks()) if p]
+        blocks = [self.recipe.step] + [b for config in configs.values() for b in config.blocks()]
+        problems = [p for p in (b.distributed_problem() for b in blocks) if p]
         if problems:
             raise PipelineError(
                 f"recipe '{self.recipe.name}' cannot run on {self.comm.world} processes: " + "; ".join(dict.fromkeys(problems))
                 + ". The processes would drift apart. Use one process, or a recipe without these blocks (docs/distributed.md)"
             )
-
-    def _all_blocks(self) -> list[Any]:
-        return [self.step_control] + [b for pipe in self.pipelines.values() for b in pipe.blocks()]
 
     def _check_ranks_agree(self, ctxs: list[GroupStep]) -> None:
         """Once, on the first step: every process must hold the same parameters and averaged gradients."""
@@ -386,7 +404,7 @@ class Optimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _needs_at(self, step: int) -> Needs:
-        out = self.step_control.needs()
+        out = self.recipe.step.needs()
         for pipeline in self.pipelines.values():
             out = out | pipeline.needs_at(step)
         return out
@@ -397,8 +415,6 @@ class Optimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise PipelineError("precond does not support sparse gradients")
             state = self.state[p]
             if not state:
                 state["step"] = 0
@@ -407,7 +423,8 @@ class Optimizer(torch.optim.Optimizer):
             grads.append(p.grad)
             states.append(state)
             steps.append(state["step"] + 1)  # committed once the step is known to be finite
-        return GroupStep(self, group, params, grads, states, steps, step, ev)
+        l2 = pipe.config.decay.objective_l2(float(group.get("weight_decay", 0.0)))
+        return GroupStep(group, params, grads, states, steps, step, ev, self.env, objective_l2=l2)
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -428,6 +445,7 @@ class Optimizer(torch.optim.Optimizer):
             "blocks": fingerprint(self.recipe),
             "global_step": self.global_step,
             "generator": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
             "nonfinite": self.guard.state_dict(),
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
@@ -446,7 +464,7 @@ class Optimizer(torch.optim.Optimizer):
         return {k: merged[k] for k in sorted(merged)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint; every check runs before anything changes.
+        """Load a checkpoint: precond's checks (before anything changes), then torch's own loading.
 
         Unlike torch, floating-point state keeps its own dtype (a float32
         curvature factor of a bfloat16 parameter stays float32). A
@@ -456,10 +474,37 @@ class Optimizer(torch.optim.Optimizer):
         ``weight_decay`` are carried over per param group); anything else is
         refused with :class:`CheckpointError` (:mod:`precond.torch_state`).
         """
-        state_dict = dict(state_dict)
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            state_dict = hook(self, state_dict) or state_dict
-        extra = state_dict.get("precond")
+        state_dict, extra = self._checked(dict(state_dict))
+        super().load_state_dict(state_dict)  # torch's: param groups, parameter ids, devices, the user's hooks
+        # torch casts floating-point state to its parameter's dtype: put back precond's own (bit for bit)
+        order = [p for g in self.param_groups for p in g["params"]]
+        saved = [i for sg in state_dict["param_groups"] for i in sg["params"]]
+        for key, param in zip(saved, order):
+            original = state_dict["state"].get(key)
+            if original is not None:
+                self.state[param] = {k: _to_device(v, param.device) for k, v in original.items()}
+        self._index = None
+        self.global_step = int(extra["global_step"])
+        self._load_generator(extra["generator"], extra.get("generator_device", "cpu"))
+        self.guard.load_state_dict(extra.get("nonfinite", {}))
+
+    def _load_generator(self, state: torch.Tensor, device: str) -> None:
+        """The random stream continues where it stopped; a checkpoint written on another kind of device (a CPU
+        generator's state is not a CUDA one's) seeds this one from that state instead, deterministically."""
+        if device == self.generator.device.type:
+            self.generator.set_state(state)
+            return
+        seed = int.from_bytes(hashlib.sha256(bytes(state.tolist())).digest()[:8], "little")
+        self.generator.manual_seed(seed)
+        warnings.warn(
+            f"the checkpoint's random generator ran on {device}, this optimizer's runs on {self.generator.device.type}: "
+            "probes and sampled labels continue from a stream seeded by the saved one, not the same numbers",
+            stacklevel=3,
+        )
+
+    def _checked(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkpoint as torch loads it (a torch.optim one converted) and precond's section, after every
+        check that it fits this optimizer; raises :class:`CheckpointError` otherwise."""
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or "state" not in state_dict:
             raise CheckpointError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
@@ -472,6 +517,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise CheckpointError(
                     f"param group {i}: the checkpoint has {len(sg['params'])} parameters, this optimizer has {len(g['params'])}"
                 )
+        extra = state_dict.get("precond")
         if extra is None:  # a torch.optim state_dict: converted for the recipes that equal one, else refused
             from precond.torch_state import from_torch
 
@@ -484,44 +530,23 @@ class Optimizer(torch.optim.Optimizer):
                 "generator": self.generator.get_state(),
                 "nonfinite": self.guard.state_dict(),
             }
-        if extra is not None:
-            if extra.get("blocks") != fingerprint(self.recipe):
-                raise CheckpointError(
-                    f"the checkpoint was written by recipe '{extra.get('recipe')}' with blocks {extra.get('blocks')}; "
-                    f"this optimizer runs '{self.recipe.name}' with blocks {fingerprint(self.recipe)}"
-                )
-            for i, (g, shapes) in enumerate(zip(self.param_groups, extra["shapes"])):
-                for j, (p, shape) in enumerate(zip(g["params"], shapes)):
-                    if list(p.shape) != list(shape):
-                        raise CheckpointError(
-                            f"param group {i}, parameter {j}: the checkpoint is for shape {tuple(shape)}, "
-                            f"the model has {tuple(p.shape)}"
-                        )
-        id_map = {
-            saved: p for g, sg in zip(self.param_groups, saved_groups) for saved, p in zip(sg["params"], g["params"])
-        }
-        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        for key, value in state_dict["state"].items():
-            if key not in id_map:
+        if extra.get("blocks") != fingerprint(self.recipe):
+            raise CheckpointError(
+                f"the checkpoint was written by recipe '{extra.get('recipe')}' with blocks {extra.get('blocks')}; "
+                f"this optimizer runs '{self.recipe.name}' with blocks {fingerprint(self.recipe)}"
+            )
+        for i, (g, shapes) in enumerate(zip(self.param_groups, extra["shapes"])):
+            for j, (p, shape) in enumerate(zip(g["params"], shapes)):
+                if list(p.shape) != list(shape):
+                    raise CheckpointError(
+                        f"param group {i}, parameter {j}: the checkpoint is for shape {tuple(shape)}, "
+                        f"the model has {tuple(p.shape)}"
+                    )
+        listed = {i for sg in saved_groups for i in sg["params"]}
+        for key in state_dict["state"]:
+            if key not in listed:
                 raise CheckpointError(f"the checkpoint holds state for parameter id {key!r}, which no param group lists")
-            param = id_map[key]
-            state[param] = {k: _to_device(v, param.device) for k, v in value.items()}
-        groups = []
-        for g, sg in zip(self.param_groups, saved_groups):
-            new = {k: v for k, v in sg.items() if k not in ("params", "param_names")}
-            new["params"] = g["params"]
-            if "param_names" in g:
-                new["param_names"] = g["param_names"]
-            groups.append(new)
-        # commit
-        self.state = state
-        self.param_groups = groups
-        if extra is not None:
-            self.global_step = int(extra["global_step"])
-            self.generator.set_state(extra["generator"])
-            self.guard.load_state_dict(extra.get("nonfinite", {}))
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        return state_dict, extra
 
 
 def _estimates(items: list[Any], n: int) -> list[Estimate]:

@@ -17,14 +17,14 @@ import weakref
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from precond import registry
-from precond.block import KINDS, Block
+from precond.block import KINDS, Block, Curvature, Decay, Momentum, Step, Structure, Transform
 from precond.errors import Problem, RecipeCombinationError, RecipeError, field_of, file_order
 
 MAX_RECIPE_BYTES = 1_000_000
@@ -66,6 +66,15 @@ class Recipe(BaseModel):
     distributed: Distributed = Field(default_factory=Distributed, description="under torch.distributed: how preconditioner work is shared")
 
     HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
+
+    if TYPE_CHECKING:  # the block slots: recipe_model() adds them as discriminated unions over the registry
+        curvature: Curvature | None
+        structure: Structure | None
+        transform: list[Transform]
+        momentum: Momentum | None
+        step: Step
+        decay: Decay
+        rules: list[Rule]
 
     def blocks(self) -> list[tuple[str, Block]]:
         """(path, block) for every block of the recipe and of its rules, in pipeline order."""
@@ -124,9 +133,9 @@ class Rule(BaseModel):
             sub = validate(copy.deepcopy(data), source="<rule>")
         else:
             raise ValueError("a rule's recipe is a built-in name, a path or a mapping")
-        if sub.rules:  # type: ignore[attr-defined]
+        if sub.rules:
             raise ValueError("a rule's recipe cannot have rules of its own")
-        if sub.step.name != "lr" or sub.step != registry.get("step", "lr")():  # type: ignore[attr-defined]
+        if sub.step.name != "lr" or sub.step != registry.get("step", "lr")():
             raise ValueError("a rule cannot change the step control; the recipe's own step applies to every rule")
         return sub
 
@@ -144,7 +153,7 @@ def _union(kind: str) -> Any:
         return None
     if len(classes) == 1:
         return classes[0]
-    return Annotated[Union[classes], Field(discriminator="type")]  # type: ignore[valid-type]
+    return Annotated[Union[classes], Field(discriminator="type")]  # type: ignore[valid-type]  # a union built at run time
 
 
 _MODEL: type[Recipe] | None = None
@@ -195,8 +204,7 @@ class PipelineView:
 
     @classmethod
     def of(cls, recipe: Recipe, path: str = "", label: str = "the recipe") -> PipelineView:
-        return cls(recipe.curvature, recipe.structure, tuple(recipe.transform), recipe.momentum,  # type: ignore[attr-defined]
-                   recipe.decay, path, label)  # type: ignore[attr-defined]
+        return cls(recipe.curvature, recipe.structure, tuple(recipe.transform), recipe.momentum, recipe.decay, path, label)
 
 
 @dataclass(frozen=True)
@@ -212,9 +220,9 @@ class _Parts:
     def of(cls, recipe: Recipe) -> _Parts:
         def rules() -> list[PipelineView | Any]:
             return [PipelineView.of(r.recipe, f"rules.{i}.recipe.", f"rule '{r.name}'")
-                    for i, r in enumerate(recipe.rules)]  # type: ignore[attr-defined]
+                    for i, r in enumerate(recipe.rules)]
 
-        return cls(PipelineView.of(recipe), recipe.step, rules)  # type: ignore[attr-defined]
+        return cls(PipelineView.of(recipe), recipe.step, rules)
 
 
 def _combination_problems(parts: _Parts) -> list[tuple[str, str, bool]]:
@@ -266,7 +274,31 @@ def _combination_problems(parts: _Parts) -> list[tuple[str, str, bool]]:
     if step is not INVALID and callable(check):
         for view in [own, *parts.rules()]:
             if isinstance(view, PipelineView) and view.known():
-                out.extend((view.path + path, message, True) for path, message in check(view))
+                found = check(view)
+                out.extend((view.path + path, message, True) for path, message in found)
+                if not found:
+                    out.extend(_missing_facts(view, step))
+    elif step is not INVALID:
+        out.extend(_missing_facts(own, step))
+    return out
+
+
+def _missing_facts(view: PipelineView, step: Any) -> list[tuple[str, str, bool]]:
+    """Facts a block requires (:class:`precond.interfaces.Facts`) that no block of its pipeline (or the step
+    control) produces."""
+    if not view.known():
+        return []
+    blocks = [(f"{view.path}{kind}", b) for kind, b in (("curvature", view.curvature), ("structure", view.structure),
+                                                         ("momentum", view.momentum), ("decay", view.decay)) if b is not None]
+    blocks += [(f"{view.path}transform.{i}", t) for i, t in enumerate(view.transforms)]
+    blocks += [("step", step)]
+    produced = {fact for _, b in blocks for fact in b.produces}
+    out = []
+    for path, block in blocks:
+        for fact in sorted(block.requires - produced):
+            makers = sorted(f"{kind} '{name}'" for kind in KINDS for name, cls in registry.blocks(kind).items() if fact in cls.produces)
+            out.append((path, f"{block.kind} '{block.name}' needs the {fact} that {' or '.join(makers) or 'no block'} "
+                        f"produces, and {view.label} has none of them", False))
     return out
 
 
@@ -297,7 +329,7 @@ def recipe_model() -> type[Recipe]:
         u = _union(kind)
         fields[kind] = (Optional[u], Field(None, description=descriptions[kind])) if u else (None, None)
     t = _union("transform")
-    fields["transform"] = (list[t], Field(default_factory=list, description=descriptions["transform"]))  # type: ignore[valid-type]
+    fields["transform"] = (list[t], Field(default_factory=list, description=descriptions["transform"]))  # type: ignore[valid-type]  # t: a run-time union
     fields["step"] = (_union("step"), Field(default_factory=lambda: registry.get("step", "lr")(), description=descriptions["step"]))
     fields["decay"] = (_union("decay"), Field(default_factory=lambda: registry.get("decay", "l2")(), description=descriptions["decay"]))
     fields["rules"] = (
@@ -310,7 +342,7 @@ def recipe_model() -> type[Recipe]:
             return []
         return value if isinstance(value, (list, tuple)) else [value]
 
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(  # type: ignore[call-overload]  # field definitions built at run time
         "Recipe",
         __base__=Recipe,
         __module__=__name__,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import warnings
-from importlib.metadata import entry_points
+import pkgutil
 from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import create_model
 
+from precond import plugins
 from precond.block import KIND_BASES, KINDS, Block
 
 ENTRY_POINT_GROUP = "precond.blocks"
@@ -27,31 +27,18 @@ _PLUGINS_LOADED = False
 PLUGIN_ERRORS: dict[str, str] = {}
 _listeners: list[Callable[[], None]] = []
 
-BUILTIN_MODULES = (
-    "precond.curvature.empirical_fisher",
-    "precond.curvature.sampled_fisher",
-    "precond.curvature.hutchinson",
-    "precond.curvature.gauss_newton",
-    "precond.curvature.hessian",
-    "precond.curvature.secant",
-    "precond.structure.diagonal",
-    "precond.structure.kronecker",
-    "precond.structure.full",
-    "precond.structure.history",
-    "precond.structure.kbfgs",
-    "precond.transform.identity",
-    "precond.transform.inverse",
-    "precond.transform.inverse_root",
-    "precond.transform.clip",
-    "precond.transform.graft",
-    "precond.step.momentum",
-    "precond.step.lr",
-    "precond.step.kl_clip",
-    "precond.step.decay",
-    "precond.step.line_search",
-    "precond.step.normalized",
-    "precond.step.lm",
-)
+BUILTIN_PACKAGES = ("precond.curvature", "precond.structure", "precond.transform", "precond.step")
+"""Every module of these packages is imported before the registry is read: a new block is one file with
+one ``@register`` (no list to update)."""
+
+
+def builtin_modules() -> list[str]:
+    """The modules of :data:`BUILTIN_PACKAGES`, in name order (their blocks register on import)."""
+    out = []
+    for package in BUILTIN_PACKAGES:
+        path = importlib.import_module(package).__path__
+        out.extend(f"{package}.{m.name}" for m in sorted(pkgutil.iter_modules(path), key=lambda m: m.name))
+    return out
 
 
 def register(kind: str, name: str) -> Callable[[B], B]:
@@ -74,7 +61,7 @@ def register(kind: str, name: str) -> Callable[[B], B]:
         existing = _BLOCKS[kind].get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"{kind} block {name!r} is already registered by {existing.__module__}")
-        block = create_model(  # type: ignore[call-overload]
+        block = create_model(  # type: ignore[call-overload]  # a field definition built at run time
             cls.__name__,
             __base__=cls,
             __module__=cls.__module__,
@@ -87,7 +74,7 @@ def register(kind: str, name: str) -> Callable[[B], B]:
         _BLOCKS[kind][name] = block
         for listener in _listeners:
             listener()
-        return block  # type: ignore[return-value]
+        return block  # type: ignore[return-value]  # a subclass of cls, with its `type` field
 
     return decorate
 
@@ -101,7 +88,7 @@ def _ensure_loaded() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        for module in BUILTIN_MODULES:
+        for module in builtin_modules():
             importlib.import_module(module)
     load_plugins()
 
@@ -116,12 +103,8 @@ def load_plugins(force: bool = False) -> dict[str, str]:
     if _PLUGINS_LOADED and not force:
         return PLUGIN_ERRORS
     _PLUGINS_LOADED = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plugin must not break precond
-            PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"precond plugin {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+    for ep in plugins.entry_points(ENTRY_POINT_GROUP):
+        plugins.load(ep, "block", PLUGIN_ERRORS)
     return PLUGIN_ERRORS
 
 

@@ -247,19 +247,19 @@ def test_matvec_equals_the_dense_estimate(name, options) -> None:
     from precond import registry
     from precond.block import GroupStep, Needs
     from precond.evaluation import evaluate
+    from precond.interfaces import Environment
     from precond.likelihood import get_likelihood
 
     model, (x, y) = mlp(), classification()
     block = registry.get("curvature", name)(**options)
     params = list(model.parameters())
     ev = evaluate(cross_entropy_closure(model, x, y), params, block.needs() | Needs(outputs=True), "test")
-    ev.model, ev.likelihood = model, get_likelihood("categorical")
     grads = [p.grad.clone() for p in params]
 
     def ctx():
         ev.memo.clear()
-        ev.generator = torch.Generator().manual_seed(11)
-        return GroupStep(None, {}, params, grads, [{} for _ in params], [1] * len(params), 1, ev, scope=params)
+        ev.env = Environment(model=model, likelihood=get_likelihood("categorical"), generator=torch.Generator().manual_seed(11))
+        return GroupStep({}, params, grads, [{} for _ in params], [1] * len(params), 1, ev, ev.env, scope=params)
 
     with torch.no_grad():
         dense = block.full(ctx())
@@ -367,6 +367,50 @@ def test_full_matrix_adagrad_inverse_root_and_amortised_eigendecomposition() -> 
             ref[1] -= 0.1 * step[9:]
         for p, r in zip(params, ref):
             assert torch.allclose(p, r, atol=1e-12, rtol=0), t
+
+
+def _eigh_fails(*args, **kwargs):
+    raise torch.linalg.LinAlgError("forced failure")
+
+
+def test_failed_eigh_keeps_the_previous_decomposition_and_raises_after_max_failures(monkeypatch) -> None:
+    """A forced eigh failure on a dense block: it keeps training on its step-1 decomposition, exactly as a run
+    whose transform never refreshes after step 1, counts the failures and raises after max_failures."""
+    from precond.linalg.spectral import EighFailureError
+
+    batches = [classification(seed=10 + t) for t in range(6)]
+    ref, model = mlp(), mlp()
+    opt_ref = precond.build("natural_gradient", ref, likelihood="categorical", set={"transform.0.every": 100})
+    opt = precond.build("natural_gradient", model, likelihood="categorical", set={"structure.max_failures": 6})  # every: 1
+    for t, (x, y) in enumerate(batches):
+        opt_ref.step(cross_entropy_closure(ref, x, y))
+        with monkeypatch.context() as patch:
+            if t > 0:  # every decomposition after the first fails
+                patch.setattr(torch.linalg, "eigh", _eigh_fails)
+            opt.step(cross_entropy_closure(model, x, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    assert (model[2].bias - mlp()[2].bias).abs().max() > 1e-3  # it moved
+    st = opt.state[model[0].weight]  # the block's state (scope: model, one block)
+    assert (st["structure.failures"], st["structure.failures_total"]) == (5, 5)
+    with monkeypatch.context() as patch, pytest.raises(EighFailureError, match="dense block 0 of 1 .* failed 6 times in a row"):
+        patch.setattr(torch.linalg, "eigh", _eigh_fails)
+        opt.step(cross_entropy_closure(model, *batches[0]))
+    opt.step(cross_entropy_closure(model, *batches[0]))  # a success resets the count, not the total
+    assert (st["structure.failures"], st["structure.failures_total"]) == (0, 6)
+
+
+def test_no_decomposition_yet_passes_the_direction_through(monkeypatch) -> None:
+    model = mlp()
+    opt = precond.build({**newton_recipe(), "lr": 0.1}, model)
+    x, y = classification()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    expected = [p.detach() - 0.1 * p.grad for p in model.parameters()]
+    monkeypatch.setattr(torch.linalg, "eigh", _eigh_fails)
+    opt.step(cross_entropy_closure(model, x, y))
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p, e, atol=1e-14, rtol=0)
+    assert opt.state[model[0].weight]["structure.failures"] == 1
 
 
 def test_ema_accumulation_is_bias_corrected() -> None:

@@ -18,7 +18,6 @@ import precond
 from precond.errors import PipelineError
 from precond.likelihood import Categorical
 from precond.linalg.spectral import EighFailureError
-from precond.structure.kronecker import _RUNTIMES
 
 D = torch.float64
 
@@ -315,12 +314,12 @@ def test_kl_clip_scale_by_hand() -> None:
     from precond.step.kl_clip import KLClip
 
     p = torch.zeros(2, dtype=D)
-    ctx = GroupStep(None, {"lr": 0.5, "rule": "default"}, [p], [torch.tensor([1.0, 2.0], dtype=D)], [{}], [1], 1, None)  # type: ignore[arg-type]
+    ctx = GroupStep({"lr": 0.5, "rule": "default"}, [p], [torch.tensor([1.0, 2.0], dtype=D)], [{}], [1], 1, None)  # type: ignore[arg-type]  # no evaluation: KL clipping reads none
     (d,) = KLClip(max_kl=0.11).scale([ctx], [Direction([torch.tensor([3.0, 4.0], dtype=D)])])
     assert d.coef == pytest.approx(0.2, rel=1e-14) and ctx.states[0]["step.kl_scale"] == d.coef
     (d,) = KLClip(max_kl=2.75).scale([ctx], [Direction([torch.tensor([3.0, 4.0], dtype=D)])])
     assert d.coef == 1.0  # at the budget: no clipping
-    other = GroupStep(None, {"lr": 0.5, "rule": "fallback"}, [p], [torch.ones(2, dtype=D)], [{}], [1], 1, None)  # type: ignore[arg-type]
+    other = GroupStep({"lr": 0.5, "rule": "fallback"}, [p], [torch.ones(2, dtype=D)], [{}], [1], 1, None)  # type: ignore[arg-type]
     d1, d2 = KLClip(max_kl=0.11).scale([ctx, other], [Direction([torch.tensor([3.0, 4.0], dtype=D)]), Direction([torch.full((2,), 9.0, dtype=D)])])
     assert d1.coef == pytest.approx(0.2, rel=1e-14) and d2.coef == 1.0  # rules' groups are neither measured nor scaled
 
@@ -437,7 +436,7 @@ def test_kfac_recipe_equals_transcribed_alecwangcq_kfac() -> None:
 def test_hooks_record_only_on_curvature_steps_and_drop_the_records() -> None:
     model = mlp()
     opt = precond.build("kfac", model, likelihood="categorical", set={"curvature.every": 3})
-    rt = next(iter(_RUNTIMES[opt].values()))
+    rt = opt.pipelines["default"].structure.source  # the structure's stage holds its layer source, which owns the hooks
     armed = []
     x, y = batch()
 

@@ -23,8 +23,8 @@ from precond.block import DiagonalEstimate
 from precond.curvature.hessian import Hessian
 from precond.curvature.sampled_fisher import SampledFisher
 from precond.curvature.secant import Secant, SecantStep
-from precond.structure.kbfgs import KBFGS
-from precond.structure.kronecker import Kronecker
+from precond.structure.kbfgs import KBFGSStage
+from precond.structure.kronecker import KroneckerStage
 
 BAD = {"nan": float("nan"), "inf": float("inf")}
 
@@ -147,11 +147,11 @@ def test_diagonal_estimate(bad: str, monkeypatch) -> None:
 
 
 def poison_kronecker(monkeypatch, value: float, pick: Callable[[Any], bool], factor: int) -> None:
-    real = Kronecker._batch
+    real = KroneckerStage._batch
     done: set[int] = set()
 
-    def poisoned(self, ctx, curvature):
-        out = real(self, ctx, curvature)  # memoised per step: the check and the update share this list
+    def poisoned(self, ctx, *args):
+        out = real(self, ctx, *args)  # memoised per step: the check and the update share this list
         if id(out) not in done:
             done.add(id(out))
             for u, fresh in out:
@@ -159,7 +159,7 @@ def poison_kronecker(monkeypatch, value: float, pick: Callable[[Any], bool], fac
                     fresh[factor] = poison(fresh[factor], value)
         return out
 
-    monkeypatch.setattr(Kronecker, "_batch", poisoned)
+    monkeypatch.setattr(KroneckerStage, "_batch", poisoned)
 
 
 @pytest.mark.parametrize("bad", sorted(BAD))
@@ -284,12 +284,12 @@ def test_bfgs_secant_pair(bad: str, which: str, monkeypatch) -> None:
 def test_kbfgs_statistics(bad: str, key: str, label: str, monkeypatch) -> None:
     model = make_mlp()
     opt = precond.build("kbfgs", model)
-    real = KBFGS._fresh
+    real = KBFGSStage._fresh
     done: set[int] = set()
 
     def patch() -> None:
-        def poisoned(self, ctx):
-            out = real(self, ctx)  # memoised per step
+        def poisoned(self, ctx, *args):
+            out = real(self, ctx, *args)  # memoised per step
             if id(out) not in done:
                 done.add(id(out))
                 for layer, _, stats in out:
@@ -297,7 +297,7 @@ def test_kbfgs_statistics(bad: str, key: str, label: str, monkeypatch) -> None:
                         stats[key] = poison(stats[key], BAD[bad])
             return out
 
-        monkeypatch.setattr(KBFGS, "_fresh", poisoned)
+        monkeypatch.setattr(KBFGSStage, "_fresh", poisoned)
 
     message, _ = run_poisoned(model, opt, patch)
     assert (

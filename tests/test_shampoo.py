@@ -103,6 +103,29 @@ def test_blocking_at_max_dim_and_dropping_size_one_dims() -> None:
             assert np.abs(step[r[0] : r[1], c[0] : c[1]] / lr - ref).max() < 1e-10
 
 
+def test_a_block_without_a_preconditioner_passes_while_the_others_are_preconditioned(monkeypatch) -> None:
+    """Blocks (4, 3) and (2, 3) of a (6, 3) gradient: every eigendecomposition of a 2x2 factor fails, so the
+    second block never gets a preconditioner and passes unchanged; the first block is preconditioned."""
+    real = torch.linalg.eigh
+
+    def eigh(m, *args, **kwargs):
+        if m.shape[-1] == 2:
+            raise torch.linalg.LinAlgError("forced failure")
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    gs = grads_stream((6, 3), 2, seed=5)
+    steps, opt, w = run("shampoo", (6, 3), gs, set={"transform.0.every": 1, "structure.max_dim": 4})
+    lr = opt.param_groups[0]["lr"]
+    left, right = EPS * np.eye(4), EPS * np.eye(3)
+    for g, step in zip(gs, steps):
+        blk = g.numpy()[:4]
+        left, right = left + blk @ blk.T, right + blk.T @ blk
+        np.testing.assert_allclose(step[:4] / lr, npower(left, -0.25) @ blk @ npower(right, -0.25), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(step[4:] / lr, g.numpy()[4:], rtol=0, atol=1e-12)
+    assert opt.state[w]["structure.failures.1"] == 2 and "structure.refreshed.1" not in opt.state[w]
+
+
 def test_merge_dims_merges_small_neighbours() -> None:
     _, opt, w = run({"name": "t", "curvature": {"type": "empirical_fisher"},
                      "structure": {"type": "kronecker", "factors": "gradient", "accumulate": "sum", "init": 1e-3, "merge_dims": True, "max_dim": 1024},

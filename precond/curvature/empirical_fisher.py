@@ -45,12 +45,10 @@ class EmpiricalFisher(Curvature):
     def needs(self) -> Needs:
         return Needs(outputs=True) if self.form == "per_sample" else Needs()
 
-    def reduce_estimates(self, structure: Any) -> bool:
+    def reduce_estimates(self, fill: str) -> bool:
         # g g^T and Shampoo's Gram matrices come from the (DDP-averaged) gradients; per-sample
         # products and K-FAC's layer factors from this process's batch
-        if structure.form == "kronecker":
-            return getattr(structure, "factors", "layer") == "layer"
-        return self.form == "per_sample"
+        return fill == "kronecker.layer" or (fill != "kronecker.gradient" and self.form == "per_sample")
 
     def _per_sample(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         ev = ctx.evaluation

@@ -11,7 +11,7 @@ from precond.autodiff import per_sample_vjp
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.errors import PipelineError
 from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, sampled_output_grads
-from precond.curvature.products import ggn_vp, outer_vp
+from precond.curvature.products import graph_ggn_vp, outer_vp
 from precond.layers import KroneckerEstimate, Recorder, output_grads_by_backprop
 from precond.registry import register
 
@@ -87,7 +87,7 @@ class GaussNewton(Curvature):
         (Monte-Carlo, drawn once per step), then ``Jᵀ``."""
         ev = ctx.evaluation
         if not self.mc_samples:
-            return ggn_vp(ev, ctx.params, vectors, "gauss_newton")
+            return graph_ggn_vp(ev, ctx.params, vectors, "gauss_newton")
         key = (id(self), "matvec.samples")
         if key not in ev.memo:
             ev.memo[key] = sampled_output_grads(ev, "gauss_newton", self.mc_samples)[0] / self.mc_samples**0.5

@@ -51,17 +51,18 @@ class Hutchinson(Curvature):
     def needs(self) -> Needs:
         return Needs(create_graph=True)
 
-    def reduce_estimates(self, structure: Any) -> bool:
+    def reduce_estimates(self, fill: str) -> bool:
         return False  # Hz is averaged over the processes before |.| and squares (estimate)
 
     def draw_probes(self, params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
-        """``samples`` probes per parameter, ``(samples, *param.shape)``, from ``generator`` in parameter order."""
+        """``samples`` probes per parameter, ``(samples, *param.shape)``, from ``generator`` in parameter order
+        (drawn on the generator's device: the optimizer's is on its parameters' device)."""
         sizes = [p.numel() for p in params]
         n, dtype = sum(sizes), params[0].dtype
         if self.distribution == "rademacher":  # one draw for all parameters, then split
-            flat = torch.randint(0, 2, (self.samples, n), generator=generator, dtype=dtype).mul_(2).sub_(1)
+            flat = torch.randint(0, 2, (self.samples, n), generator=generator, dtype=dtype, device=generator.device).mul_(2).sub_(1)
         else:
-            flat = torch.randn(self.samples, n, generator=generator, dtype=dtype)
+            flat = torch.randn(self.samples, n, generator=generator, dtype=dtype, device=generator.device)
         return [
             z.reshape(self.samples, *p.shape).to(device=p.device, dtype=p.dtype)
             for z, p in zip(torch.split(flat, sizes, dim=1), params)

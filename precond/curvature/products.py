@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from precond.autodiff import gauss_newton_product
 from precond.curvature.common import outputs_of
 from precond.evaluation import Evaluation
 
@@ -60,12 +61,11 @@ def linearization(ev: Evaluation, params: list[torch.Tensor], who: str) -> tuple
     return ev.memo[key]
 
 
-def ggn_vp(ev: Evaluation, params: list[torch.Tensor], vectors: list[torch.Tensor], who: str) -> list[torch.Tensor]:
-    """``(1/M) Σ_m J_mᵀ H_m J_m v`` with ``H_m`` the likelihood's loss Hessian in the outputs."""
-    lin, m = linearization(ev, params, who)
-    lik = ev.require_likelihood(who)
-    jv = lin.jvp(vectors)
-    return lin.vjp(lik.hessian_vp(lin.out.detach(), jv) / m)
+def graph_ggn_vp(ev: Evaluation, params: list[torch.Tensor], vectors: list[torch.Tensor], who: str) -> list[torch.Tensor]:
+    """``(1/M) Σ_m J_mᵀ H_m J_m v`` with ``H_m`` the likelihood's loss Hessian in the outputs, from the step's
+    recorded graph (:func:`precond.autodiff.ggn_vp` is the same product from a functional call of the model)."""
+    lin, _ = linearization(ev, params, who)
+    return gauss_newton_product(lin.out.detach(), lin.jvp(vectors), lin.vjp, ev.require_likelihood(who))
 
 
 def outer_vp(

@@ -50,8 +50,8 @@ class SampledFisher(Curvature):
     def needs(self) -> Needs:
         return Needs(outputs=True, likelihood=True)  # labels are sampled from the likelihood
 
-    def reduce_estimates(self, structure: Any) -> bool:
-        return self.form == "per_sample" or structure.form == "kronecker"  # the batch form averages ĝ itself
+    def reduce_estimates(self, fill: str) -> bool:
+        return self.form == "per_sample" or fill.startswith("kronecker")  # the batch form averages ĝ itself
 
     def _batch_grads(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         """``ĝ_s`` per draw, ``(S, *param.shape)``, and ``M``; on several processes ``ĝ`` of the global
@@ -62,7 +62,9 @@ class SampledFisher(Curvature):
         rows = batched_vjp(out, params, lambda a, b: cot[a:b], self.samples, self.chunk)
         if ev.distributed:
             ev.mean_(rows)
-            m = ev.rows(m)[1]  # type: ignore[index]
+            rows_total = ev.rows(m)
+            assert rows_total is not None  # several processes
+            m = rows_total[1]
         return rows, m
 
     def _per_sample(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:

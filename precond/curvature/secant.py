@@ -104,7 +104,7 @@ class Secant(Curvature):
 
     # --- pairs --------------------------------------------------------------------------
 
-    def reduce_estimates(self, structure: Any) -> bool:
+    def reduce_estimates(self, fill: str) -> bool:
         return False  # the pairs come from the parameters and the (DDP-averaged) gradients: the same everywhere
 
     def pair(self, ctx: GroupStep) -> SecantStep:
@@ -113,9 +113,9 @@ class Secant(Curvature):
         Computed once per step and parameter list (the non-finite check and the update see the same
         tensors); :meth:`observe` also remembers this point.
         """
-        key = (id(self), "pair", tuple(map(id, ctx.params)))
-        if key in ctx.extra:
-            return ctx.extra[key]
+        return ctx.memo(self, f"pair{tuple(map(id, ctx.params))}", lambda: self._pair(ctx))
+
+    def _pair(self, ctx: GroupStep) -> SecantStep:
         k_param, k_grad = self.key("prev_param"), self.key("prev_grad")
         first = any(k_param not in s for s in ctx.states)
         g = torch.cat([t.reshape(-1) for t in ctx.grads])
@@ -129,8 +129,7 @@ class Secant(Curvature):
             s = torch.cat([(p - st[k_param]).reshape(-1) for p, st in zip(ctx.params, ctx.states)])
             y = g - torch.cat([st[k_grad].reshape(-1) for st in ctx.states])
             scale = 1.0
-        ctx.extra[key] = SecantStep(s, y, scale)
-        return ctx.extra[key]
+        return SecantStep(s, y, scale)
 
     def observe(self, ctx: GroupStep) -> SecantStep:
         """The pair since the last refresh over ``ctx.params`` (flattened), and remember this point."""

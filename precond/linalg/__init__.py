@@ -1,47 +1,39 @@
 """Pure linear-algebra kernels behind precond's structures and transforms.
 
-* :mod:`~precond.linalg.spectral` — robust ``eigh``, spectral functions,
-  inverse roots, a failure-counting decomposition cache.
-* :mod:`~precond.linalg.kron` — Kronecker-factored (K-FAC) damping variants,
-  Shampoo statistics/preconditioning, Distributed-Shampoo blocking, KL clip.
+* :mod:`~precond.linalg.spectral` — robust ``eigh`` (one matrix or many, batched
+  by size), spectral functions, inverse roots, keep-last-good failure counting.
+* :mod:`~precond.linalg.kron` — the Kronecker damping forms (exact spectrum,
+  π-adjusted damping, mode products), Shampoo statistics, Distributed-Shampoo
+  blocking, KL clip.
 * :mod:`~precond.linalg.cg` — (preconditioned) conjugate gradients with the
-  Martens stop rule, CG backtracking, Levenberg–Marquardt damping.
+  Martens stop rule, Levenberg–Marquardt damping.
 * :mod:`~precond.linalg.quasi_newton` — BFGS/DFP/SR1 updates with guards,
-  L-BFGS two-loop recursion and history, K-BFGS damping.
+  the L-BFGS two-loop recursion, K-BFGS damping.
 
 Everything is a small pure function (or a tiny state holder) on tensors, so
-each kernel is tested against an independent numpy/scipy reference.
+each kernel is tested against an independent numpy/scipy reference; the
+structures call these kernels, not copies of them.
 """
 
 from __future__ import annotations
 
-from precond.linalg.cg import (
-    CGResult,
-    backtrack_iterations,
-    cg,
-    lm_damping_update,
-    select_backtracked_iterate,
-)
+from precond.linalg.cg import CGResult, cg, lm_damping_update
 from precond.linalg.kron import (
     BlockPartition,
     block_partition,
     kl_clip_scale,
-    kron_matvec,
     kron_precondition_exact,
-    kron_precondition_factored,
-    kron_precondition_per_factor,
+    kron_spectrum,
     merge_small_dims,
     mode_products,
     pi_adjusted_damping,
     reassemble_blocks,
-    shampoo_precondition,
     shampoo_statistics,
     split_into_blocks,
     tracenorm_pi,
 )
 from precond.linalg.quasi_newton import (
     DampedPair,
-    LBFGSHistory,
     QNUpdate,
     bfgs_direct_update,
     bfgs_inverse_update,
@@ -49,7 +41,6 @@ from precond.linalg.quasi_newton import (
     dfp_inverse_update,
     double_damping,
     initial_scale,
-    lbfgs_history,
     lm_damping_pair,
     powell_damping,
     sherman_morrison_update,
@@ -62,6 +53,8 @@ from precond.linalg.spectral import (
     EighFailureError,
     EighResult,
     SpectralCache,
+    eigh_many,
+    floor_eigenvalues,
     inverse_root,
     matrix_function,
     matrix_power,
@@ -75,6 +68,8 @@ __all__ = [
     "EighFailureError",
     "EighResult",
     "SpectralCache",
+    "eigh_many",
+    "floor_eigenvalues",
     "inverse_root",
     "matrix_function",
     "matrix_power",
@@ -84,27 +79,21 @@ __all__ = [
     "BlockPartition",
     "block_partition",
     "kl_clip_scale",
-    "kron_matvec",
     "kron_precondition_exact",
-    "kron_precondition_factored",
-    "kron_precondition_per_factor",
+    "kron_spectrum",
     "merge_small_dims",
     "mode_products",
     "pi_adjusted_damping",
     "reassemble_blocks",
-    "shampoo_precondition",
     "shampoo_statistics",
     "split_into_blocks",
     "tracenorm_pi",
     # cg
     "CGResult",
-    "backtrack_iterations",
     "cg",
     "lm_damping_update",
-    "select_backtracked_iterate",
     # quasi-Newton
     "DampedPair",
-    "LBFGSHistory",
     "QNUpdate",
     "bfgs_direct_update",
     "bfgs_inverse_update",
@@ -112,7 +101,6 @@ __all__ = [
     "dfp_inverse_update",
     "double_damping",
     "initial_scale",
-    "lbfgs_history",
     "lm_damping_pair",
     "powell_damping",
     "sherman_morrison_update",

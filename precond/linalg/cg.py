@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence, Union
+from typing import Callable, Literal, Union
 
 import torch
 from torch import Tensor
@@ -27,8 +27,6 @@ from torch import Tensor
 __all__ = [
     "CGResult",
     "cg",
-    "backtrack_iterations",
-    "select_backtracked_iterate",
     "lm_damping_update",
 ]
 
@@ -45,9 +43,6 @@ class CGResult:
             initial residual).
         residuals: ``‖b − A x_i‖₂`` for ``i = 0 … iterations`` (recursively
             updated residuals, as in every CG implementation).
-        saved_iterates: ``(i, x_i)`` pairs at ``i = ceil(5·1.3^j)`` plus the
-            final iterate, when ``backtrack_schedule=True`` (Martens 2010
-            CG-backtracking); otherwise empty.
         negative_curvature_flag: a search direction with ``pᵀAp <= 0`` was
             met; ``x`` is the iterate before that direction.
         objective_values: ``φ_i = ½ x_iᵀ A x_i − bᵀ x_i`` for ``i = 0 …
@@ -60,7 +55,6 @@ class CGResult:
     x: Vec
     iterations: int
     residuals: list[float]
-    saved_iterates: list[tuple[int, Vec]] = field(default_factory=list)
     negative_curvature_flag: bool = False
     objective_values: list[float] = field(default_factory=list)
     stop_reason: str = "max_iter"
@@ -89,22 +83,6 @@ def _clone(a: list[Tensor]) -> list[Tensor]:
     return [t.clone() for t in a]
 
 
-def backtrack_iterations(max_iter: int) -> list[int]:
-    """Martens' CG-backtracking save points ``ceil(5·1.3^j) <= max_iter``, j = 0, 1, …
-
-    ``5, 7, 9, 11, 15, 19, 25, 32, 41, 54, 69, 90, …``
-    """
-    out: list[int] = []
-    j = 0
-    while True:
-        i = math.ceil(5.0 * 1.3**j)
-        if i > max_iter:
-            return out
-        if not out or i != out[-1]:
-            out.append(i)
-        j += 1
-
-
 def cg(
     matvec: Callable[[Vec], Vec],
     b: Vec,
@@ -116,7 +94,6 @@ def cg(
     stop: Literal["residual", "martens"] = "residual",
     martens_eps: float = 5e-4,
     preconditioner: Callable[[Vec], Vec] | None = None,
-    backtrack_schedule: bool = False,
 ) -> CGResult:
     """(Preconditioned) conjugate gradients for ``A x = b``.
 
@@ -137,8 +114,6 @@ def cg(
             ``(φ_i − φ_{i−k}) / φ_i < k·martens_eps``.
         martens_eps: ``eps`` of the Martens test (5e-4 in init2winit).
         preconditioner: ``r ↦ M⁻¹ r`` for a symmetric positive definite ``M``.
-        backtrack_schedule: save the iterates at ``i = ceil(5·1.3^j)`` (and
-            the last one) in :attr:`CGResult.saved_iterates`.
 
     A direction with ``pᵀAp <= 0`` stops the iteration without using it and
     sets ``negative_curvature_flag`` (at the first iteration ``x = x0``).
@@ -168,11 +143,9 @@ def cg(
         return -0.5 * _dot(x, torch._foreach_add(r, bl))
 
     threshold = max(tol * _norm(bl), atol)
-    schedule = set(backtrack_iterations(max_iter)) if backtrack_schedule else set()
-    saved: list[tuple[int, Vec]] = []
     residuals = [_norm(r)]
     phis = [phi() if x0 is not None else 0.0]
-    result = CGResult(to_user(x), 0, residuals, saved, False, phis, "max_iter")
+    result = CGResult(to_user(x), 0, residuals, False, phis, "max_iter")
 
     if residuals[0] <= threshold:
         result.stop_reason = "residual"
@@ -198,8 +171,6 @@ def cg(
         i += 1
         residuals.append(_norm(r))
         phis.append(phi())
-        if i in schedule:
-            saved.append((i, to_user(_clone(x))))
         if residuals[-1] <= threshold:
             result.stop_reason = "residual"
             break
@@ -219,33 +190,7 @@ def cg(
 
     result.iterations = i
     result.x = to_user(x)
-    if backtrack_schedule and (not saved or saved[-1][0] != i):
-        saved.append((i, to_user(_clone(x))))
     return result
-
-
-def select_backtracked_iterate(
-    saved_iterates: Sequence[tuple[int, Vec]], loss_fn: Callable[[Vec], float]
-) -> tuple[int, Vec, float]:
-    """Martens (2010) CG backtracking over :attr:`CGResult.saved_iterates`.
-
-    Starting from the last saved iterate, step back to the previous one while
-    the previous one has a strictly lower true loss ``loss_fn(x)``.  Returns
-    ``(iteration, x, loss)`` of the chosen iterate.  Losses are evaluated
-    lazily, from the end.
-    """
-    if not saved_iterates:
-        raise ValueError("no saved iterates to backtrack over (use backtrack_schedule=True)")
-    idx = len(saved_iterates) - 1
-    best = float(loss_fn(saved_iterates[idx][1]))
-    while idx > 0:
-        prev = float(loss_fn(saved_iterates[idx - 1][1]))
-        if not prev < best:
-            break
-        idx -= 1
-        best = prev
-    it, x = saved_iterates[idx]
-    return it, x, best
 
 
 def lm_damping_update(

@@ -1,37 +1,40 @@
 """Kronecker-factored preconditioning kernels (docs/algorithms.md#k-fac, docs/algorithms.md#shampoo).
 
-Conventions (K-FAC, one layer)
-------------------------------
-A weight ``W`` has shape ``(d_out, d_in)`` (with a bias, the bias is folded in
-as an extra *last input column*, so ``d_in`` counts it).  The layer curvature
-is approximated by two symmetric PSD factors
-
-* ``A`` — ``(d_in, d_in)``, the input/activation side (``E[a aᵀ]``),
-* ``G`` — ``(d_out, d_out)``, the output-gradient side (``E[ds dsᵀ]``),
-
-and the curvature acting on a gradient-shaped matrix ``V`` is ``G V Aᵀ``
-(:func:`kron_matvec`).  As an explicit matrix this is
+Conventions
+-----------
+A block is a tensor ``X`` of order ``k`` with one symmetric PSD factor ``F_i``
+per dimension; the factors act by mode products (:func:`mode_products`).  For
+a K-FAC layer ``X = V = [dW | db]`` has shape ``(d_out, d_in)`` (the bias as an
+extra *last input column*), the factors are ``[G, A]`` (``G`` the
+output-gradient side, ``(d_out, d_out)``; ``A`` the input side,
+``(d_in, d_in)``) and the curvature acting on ``V`` is
+``mode_products(V, [G, A]) = G V Aᵀ``.  As an explicit matrix this is
 
 * ``kron(A, G)`` for the **column-major** vec (stacking columns,
   ``V.mT.flatten()`` / numpy ``order="F"``) — the paper's ``A ⊗ G``;
 * ``kron(G, A)`` for the **row-major** vec that torch uses
   (``V.flatten()``):  ``kron(G, A) @ V.flatten() == (G @ V @ A.T).flatten()``.
 
-Hence the preconditioned gradient for the plain inverse is ``G⁻¹ V A⁻¹``.
-Every function here takes and returns ``V``-shaped matrices; leading batch
-dimensions ``(..., d_out, d_in)`` with factors ``(..., d, d)`` are supported so
-that same-sized layers can be stacked.
+The kernels the ``kronecker`` structure preconditions with, one per damping
+form (docs/algorithms.md#kronecker-damping-forms), each tested against the
+dense closed form:
 
-Factors are given either as matrices or as eigendecompositions
-(:class:`~precond.linalg.spectral.EighResult` or ``(eigenvalues,
-eigenvectors)``) where stated.
+* ``exact`` and the eigenbasis mode: :func:`kron_spectrum` (the eigenvalues of
+  ``C`` from the factors') at a refresh, :func:`kron_precondition_exact`
+  (``f(λ_C)`` applied in the joint eigenbasis) on every step;
+* ``factored``: :func:`pi_adjusted_damping` (Martens & Grosse's π split of the
+  damping) at a refresh, then as ``per_factor``;
+* ``per_factor``: one root per factor
+  (:func:`~precond.linalg.spectral.inverse_root`) at a refresh,
+  :func:`mode_products` on every step (Shampoo).
 
-Shampoo (any tensor order) and Distributed-Shampoo blocking live here too, as
-well as the K-FAC KL-clipping scale.
+Shampoo's statistics and Distributed-Shampoo blocking live here too, as well
+as the K-FAC KL-clipping scale.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from itertools import product
@@ -40,17 +43,14 @@ from typing import Literal, Sequence, Union
 import torch
 from torch import Tensor
 
-from precond.linalg.spectral import EigLike, _as_eig, matrix_power
+from precond.linalg.spectral import EigLike
 
 __all__ = [
-    "kron_matvec",
+    "kron_spectrum",
     "kron_precondition_exact",
-    "kron_precondition_factored",
-    "kron_precondition_per_factor",
     "tracenorm_pi",
     "pi_adjusted_damping",
     "shampoo_statistics",
-    "shampoo_precondition",
     "mode_products",
     "BlockPartition",
     "merge_small_dims",
@@ -63,140 +63,88 @@ __all__ = [
 Factor = Union[Tensor, EigLike]
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _is_matrix(f: Factor) -> bool:
-    return isinstance(f, Tensor)
+# --------------------------------------------------------------------------- damping forms
 
 
 def _trace_and_dim(f: Factor) -> tuple[Tensor, int]:
-    if _is_matrix(f):
+    if isinstance(f, Tensor):
         return f.diagonal(dim1=-2, dim2=-1).sum(-1), f.shape[-1]
     vals = f[0]
     return vals.sum(-1), vals.shape[-1]
 
 
-def _as_batch_scalar(c: float | Tensor) -> float | Tensor:
-    """Per-matrix scalars (shape ``(...)``) broadcast against ``(..., n, n)``."""
-    if isinstance(c, Tensor):
-        return c.unsqueeze(-1).unsqueeze(-1)
-    return c
+def kron_spectrum(eigenvalues: Sequence[Tensor], share: int = 1) -> Tensor:
+    """The eigenvalues of ``C = (F_1 ⊗ … ⊗ F_k)^(1/share)`` from each factor's, shape ``(n_1, …, n_k)``.
 
-
-def _damped_solve_left(f: Factor, c: float | Tensor, x: Tensor) -> Tensor:
-    """``(F + cI)⁻¹ X`` for a factor given as a matrix or a decomposition."""
-    if _is_matrix(f):
-        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-        return torch.linalg.solve(f + _as_batch_scalar(c) * eye, x)
-    vals, vecs = f[0], f[1]
-    if isinstance(c, Tensor):
-        c = c.unsqueeze(-1)
-    scale = (vals.clamp_min(0.0) + c).reciprocal()
-    return vecs @ (scale.unsqueeze(-1) * (vecs.mT @ x))
-
-
-def _damped_solve_right(x: Tensor, f: Factor, c: float | Tensor) -> Tensor:
-    """``X (F + cI)⁻¹`` for symmetric ``F``."""
-    return _damped_solve_left(f, c, x.mT).mT
-
-
-# --------------------------------------------------------------------------- K-FAC
-
-
-def kron_matvec(V: Tensor, A: Tensor, G: Tensor) -> Tensor:
-    """The curvature product ``(A ⊗ G) vec(V)`` in matrix form: ``G V Aᵀ``.
-
-    Equals ``kron(G, A) @ V.flatten()`` reshaped (row-major vec) and
-    ``kron(A, G) @ vec_colmajor(V)``.
+    Entry ``(j_1, …, j_k)`` is ``(Π_i λ_i[j_i])^(1/share)``, the eigenvalue of the joint
+    eigenvector ``q_1[j_1] ⊗ … ⊗ q_k[j_k]`` (K-FAC: ``share = 1``, ``λ_G λ_Aᵀ``; Shampoo's
+    ``k``-th root: ``share = k``). Leading batch dimensions ``(..., n_i)`` are carried through.
     """
-    return G @ V @ A.mT
+    out = eigenvalues[0]
+    for j, lam in enumerate(eigenvalues[1:], 1):
+        out = out.unsqueeze(-1) * lam.reshape(*lam.shape[:-1], *(1,) * j, lam.shape[-1])
+    return out ** (1.0 / share) if share != 1 else out
 
 
-def kron_precondition_exact(V: Tensor, eigA: Factor, eigG: Factor, damping: float) -> Tensor:
-    """Exact Kronecker damping: ``(A ⊗ G + λI)⁻¹ vec(V)`` through both eigenbases.
+def kron_precondition_exact(V: Tensor, bases: Sequence[Tensor], scale: Tensor) -> Tensor:
+    """``Q (scale ⊙ (Qᵀ V Q)) Qᵀ``: ``scale`` applied elementwise in the factors' joint eigenbasis.
 
-    With ``A = Qa diag(da) Qaᵀ`` and ``G = Qg diag(dg) Qgᵀ``::
+    ``bases`` holds each factor's eigenvectors (in the columns), one per dimension of ``V``.
+    With ``scale = f(kron_spectrum(eigenvalues))`` this is ``f(C) vec(V)`` exactly (the
+    ``exact`` damping form); for K-FAC with ``f(λ) = 1/(λ + damping)``::
 
-        result = Qg [ (Qgᵀ V Qa) / (dg daᵀ + λ) ] Qaᵀ        (elementwise division)
+        Q_G [ (Q_Gᵀ V Q_A) / (λ_G λ_Aᵀ + damping) ] Q_Aᵀ = solve(kron(G, A) + damping·I, V.flatten())
 
-    which equals ``solve(kron(G, A) + λI, V.flatten())`` reshaped (row-major)
-    (the ``exact`` form of docs/algorithms.md#kronecker-damping-forms).  Eigenvalues below zero (round-off)
-    are clamped to 0.  ``eigA``/``eigG`` are decompositions; a matrix is
-    decomposed on the fly with :func:`~precond.linalg.spectral.robust_eigh`.
+    (row-major vec). With ``scale`` an estimate of ``C``'s eigenvalues (a second moment of
+    rotated gradients), the eigenbasis mode (EKFAC, SOAP). Two factors also take leading
+    batch dimensions (matrix products); other orders go through :func:`mode_products`.
     """
-    da, qa = _as_eig(eigA)
-    dg, qg = _as_eig(eigG)
-    da = da.clamp_min(0.0)
-    dg = dg.clamp_min(0.0)
-    v_rot = qg.mT @ V @ qa
-    v_rot = v_rot / (dg.unsqueeze(-1) * da.unsqueeze(-2) + damping)
-    return qg @ v_rot @ qa.mT
+    if len(bases) == 2:
+        q0, q1 = bases
+        return q0 @ ((q0.mT @ V @ q1) * scale) @ q1.mT
+    rotated = mode_products(V, [q.mT for q in bases])
+    return mode_products(rotated * scale, list(bases))
 
 
-def tracenorm_pi(A: Factor, G: Factor) -> Tensor:
-    """Martens & Grosse §6.3: ``π = sqrt((tr A / dim A) / (tr G / dim G))``.
+def tracenorm_pi(factors: Sequence[Factor]) -> list[Tensor]:
+    """Martens & Grosse §6.3: ``π_i = t_i / (Π_j t_j)^(1/k)`` with ``t_i = tr F_i / dim F_i``.
 
-    Returns a tensor of shape ``(...)`` (the batch shape).  Where either
-    normalised trace is not positive (an all-zero factor, e.g. before any
-    statistics were gathered) ``π = 1``.
+    For two factors ``[A, G]``: ``[π, 1/π]`` with ``π = sqrt((tr A / dim A) / (tr G / dim G))``.
+    Factors are matrices or decompositions (``(eigenvalues, eigenvectors)``: the trace is the
+    eigenvalues' sum); each ``π_i`` has the batch shape ``(...)``. Where a normalised trace is
+    not positive (an all-zero factor, e.g. before any statistics were gathered) every ``π_i = 1``.
+    The geometric mean is taken in float64.
     """
-    tr_a, dim_a = _trace_and_dim(A)
-    tr_g, dim_g = _trace_and_dim(G)
-    na, ng = tr_a / dim_a, tr_g / dim_g
-    ok = (na > 0) & (ng > 0)
-    ratio = torch.where(ok, na / torch.where(ok, ng, torch.ones_like(ng)), torch.ones_like(na))
-    return ratio.sqrt()
+    traces = []
+    for f in factors:
+        tr, dim = _trace_and_dim(f)
+        traces.append(tr.double() / dim)
+    ok = functools.reduce(torch.logical_and, [t > 0 for t in traces])
+    safe = [torch.where(ok, t, torch.ones_like(t)) for t in traces]
+    mean = torch.exp(sum(torch.log(t) for t in safe) / len(safe))
+    return [torch.where(ok, t / mean, torch.ones_like(t)) for t in safe]
 
 
 def pi_adjusted_damping(
-    A: Factor, G: Factor, damping: float, pi: Literal["tracenorm"] | float = "tracenorm"
-) -> tuple[float | Tensor, float | Tensor]:
-    """Per-factor damping ``(π√λ, √λ/π)`` of the factored Tikhonov approximation.
+    factors: Sequence[Factor], damping: float, pi: Literal["tracenorm"] | float = "tracenorm"
+) -> list[Tensor] | list[float]:
+    """Per-factor damping ``π_i λ^(1/k)`` of the factored Tikhonov approximation.
 
-    ``(A ⊗ G + λI) ≈ (A + π√λ I) ⊗ (G + √λ/π I)``.  ``pi="tracenorm"`` uses
-    :func:`tracenorm_pi`; a float fixes π (``pi=1`` gives ``√λ`` on each
-    factor, the K-BFGS repository's K-FAC baseline).  Use the results as the
-    damping of :func:`~precond.linalg.spectral.inverse_root` with ``p=1`` to
-    precompute the two damped inverses.
+    ``(F_1 ⊗ … ⊗ F_k + λI) ≈ (F_1 + π_1 λ^(1/k) I) ⊗ … ⊗ (F_k + π_k λ^(1/k) I)``, for K-FAC
+    ``[A, G]``: ``(π√λ, √λ/π)``. ``pi="tracenorm"`` uses :func:`tracenorm_pi`; a float fixes π
+    for two factors (``pi=1`` gives ``√λ`` on each, the K-BFGS repository's K-FAC baseline).
+    Use the results as the damping of :func:`~precond.linalg.spectral.inverse_root` with ``p=1``
+    (the ``factored`` form precomputes one damped root per factor).
     """
-    sq = math.sqrt(damping)
+    k = len(factors)
+    root = damping ** (1.0 / k)
     if isinstance(pi, str):
         if pi != "tracenorm":
             raise ValueError(f"pi must be 'tracenorm' or a positive float, got {pi!r}")
-        pi_t = tracenorm_pi(A, G)
-        return pi_t * sq, sq / pi_t
-    if pi <= 0:
-        raise ValueError(f"pi must be positive, got {pi}")
-    return pi * sq, sq / pi
-
-
-def kron_precondition_factored(
-    V: Tensor,
-    A: Factor,
-    G: Factor,
-    damping: float,
-    pi: Literal["tracenorm"] | float = "tracenorm",
-) -> Tensor:
-    """Factored Tikhonov damping (Martens & Grosse 2015 §6.3, tf-kfac default).
-
-    ``result = (G + √λ/π I)⁻¹ V (A + π√λ I)⁻¹``, i.e.
-    ``((A + π√λ I) ⊗ (G + √λ/π I))⁻¹ vec(V)``, with π from
-    :func:`pi_adjusted_damping`.  ``A``/``G`` are matrices (solved directly)
-    or decompositions (applied in their eigenbases).
-    """
-    damp_a, damp_g = pi_adjusted_damping(A, G, damping, pi)
-    return _damped_solve_right(_damped_solve_left(G, damp_g, V), A, damp_a)
-
-
-def kron_precondition_per_factor(V: Tensor, A: Factor, G: Factor, damping: float) -> Tensor:
-    """Per-factor damping (kfac-pytorch ``compute_method='inverse'``).
-
-    ``result = (G + λI)⁻¹ V (A + λI)⁻¹``.  Note λ, not √λ, on each factor;
-    this is *not* the same as :func:`kron_precondition_exact` (the ``per_factor``
-    form of docs/algorithms.md#kronecker-damping-forms).
-    """
-    return _damped_solve_right(_damped_solve_left(G, damping, V), A, damping)
+        return [p * root for p in tracenorm_pi(factors)]
+    if pi <= 0 or k != 2:
+        raise ValueError(f"a fixed pi needs two factors and pi > 0, got {k} factors and pi={pi}")
+    return [pi * root, root / pi]
 
 
 # --------------------------------------------------------------------------- Shampoo
@@ -222,57 +170,23 @@ def mode_products(tensor: Tensor, matrices: Sequence[Tensor | None]) -> Tensor:
     """``T ×_1 M_1 ×_2 M_2 … ×_k M_k`` (``None`` entries are skipped).
 
     The mode-i product is ``(T ×_i M)[…, j, …] = Σ_l M[j, l] T[…, l, …]``.
-    Use it with cached Shampoo roots so they are not recomputed each step.
+    For a matrix ``T`` this is ``M_1 T M_2ᵀ`` (two matrix products). The
+    ``kronecker`` structure applies its per-factor roots with it (``per_factor``
+    and ``factored``: Shampoo's ``G ×_1 F_1^(−1/(2k)) … ×_k F_k^(−1/(2k))``).
     """
     if len(matrices) != tensor.ndim:
         raise ValueError(
             f"need one matrix (or None) per dimension: tensor has {tensor.ndim} dims, "
             f"got {len(matrices)} matrices"
         )
+    if tensor.ndim == 2 and matrices[0] is not None and matrices[1] is not None:
+        return matrices[0] @ tensor @ matrices[1].mT
     out = tensor
     for i, m in enumerate(matrices):
         if m is None:
             continue
         out = torch.tensordot(m, out, dims=([1], [i])).movedim(0, i)
     return out
-
-
-def shampoo_precondition(
-    grad: Tensor,
-    factor_eigs: Sequence[EigLike | None],
-    exponent: float | Sequence[float] | None = None,
-    damping: float = 0.0,
-) -> Tensor:
-    """Shampoo's preconditioned gradient ``G ×_1 H_1^{e_1} ×_2 … ×_k H_k^{e_k}``.
-
-    Args:
-        grad: order-k gradient tensor.
-        factor_eigs: one decomposition per dimension of the accumulated
-            statistic ``H_i`` (``None`` leaves that dimension unpreconditioned).
-        exponent: per-factor exponents; a float applies to every factor;
-            default ``-1/(2k)`` (the paper: ``-1/4`` for matrices, ``-1/2``
-            for vectors, where Shampoo is full-matrix AdaGrad).
-        damping: ``ε`` added to the eigenvalues before the power,
-            ``(H_i + εI)^{e_i}`` (Distributed Shampoo's placement; with sum
-            accumulation the same as starting from ``H_0 = εI``).
-
-    A 0-d ``grad`` is returned unchanged (as a copy).
-    """
-    k = grad.ndim
-    if len(factor_eigs) != k:
-        raise ValueError(f"need {k} factor decompositions (one per dimension), got {len(factor_eigs)}")
-    if k == 0:
-        return grad.clone()
-    if exponent is None:
-        exps = [-1.0 / (2 * k)] * k
-    elif isinstance(exponent, (int, float)):
-        exps = [float(exponent)] * k
-    else:
-        exps = [float(e) for e in exponent]
-        if len(exps) != k:
-            raise ValueError(f"need {k} exponents, got {len(exps)}")
-    mats = [None if e is None else matrix_power(e, x, damping) for e, x in zip(factor_eigs, exps)]
-    return mode_products(grad, mats)
 
 
 # --------------------------------------------------------------------------- blocking

@@ -43,8 +43,6 @@ __all__ = [
     "sr1_inverse_update",
     "sherman_morrison_update",
     "two_loop",
-    "LBFGSHistory",
-    "lbfgs_history",
     "DampedPair",
     "powell_damping",
     "lm_damping_pair",
@@ -275,7 +273,7 @@ def two_loop(
     if h_diag is None:
         h_diag = torch.dot(s_list[-1], y_list[-1]) / torch.dot(y_list[-1], y_list[-1]) if m else 1.0
     q = g.neg()
-    alphas: list[Tensor] = [None] * m  # type: ignore[list-item]
+    alphas: list[Tensor] = [None] * m  # type: ignore[list-item]  # each is set before it is read
     for i in range(m - 1, -1, -1):
         alphas[i] = rho_list[i] * torch.dot(s_list[i], q)
         q = q - alphas[i] * y_list[i]
@@ -284,72 +282,6 @@ def two_loop(
         beta = rho_list[i] * torch.dot(y_list[i], r)
         r = r + (alphas[i] - beta) * s_list[i]
     return r
-
-
-class LBFGSHistory:
-    """FIFO of the last ``memory`` curvature pairs, as torch.optim.LBFGS keeps it.
-
-    ``push(s, y)`` stores the pair only if ``yᵀs > curvature_eps`` (1e-10,
-    torch's constant), dropping the oldest when full, and then sets
-    ``h_diag = yᵀs / yᵀy``.  ``direction(g)`` is :func:`two_loop`.
-    Vectors are flat 1-D tensors (flatten and concatenate the parameters);
-    they are stored by reference, so do not modify them in place afterwards.
-    """
-
-    def __init__(self, memory: int = 100, curvature_eps: float = 1e-10) -> None:
-        if memory < 1:
-            raise ValueError(f"memory must be >= 1, got {memory}")
-        self.memory = memory
-        self.curvature_eps = curvature_eps
-        self.s: list[Tensor] = []
-        self.y: list[Tensor] = []
-        self.rho: list[Tensor] = []
-        self.h_diag: Tensor | float = 1.0
-
-    def __len__(self) -> int:
-        return len(self.s)
-
-    def push(self, s: Tensor, y: Tensor) -> bool:
-        """Store ``(s, y)`` if ``yᵀs > curvature_eps``; returns whether it was stored."""
-        ys = torch.dot(y, s)
-        if not bool(ys > self.curvature_eps):
-            return False
-        if len(self.s) == self.memory:
-            self.s.pop(0)
-            self.y.pop(0)
-            self.rho.pop(0)
-        self.s.append(s)
-        self.y.append(y)
-        self.rho.append(1.0 / ys)
-        self.h_diag = ys / torch.dot(y, y)
-        return True
-
-    def direction(self, g: Tensor) -> Tensor:
-        """``−H g`` from the stored pairs (``−g`` when empty)."""
-        return two_loop(g, self.s, self.y, self.rho, self.h_diag)
-
-    def clear(self) -> None:
-        self.s, self.y, self.rho, self.h_diag = [], [], [], 1.0
-
-    def state_dict(self) -> dict:
-        return {
-            "memory": self.memory,
-            "curvature_eps": self.curvature_eps,
-            "s": list(self.s),
-            "y": list(self.y),
-            "rho": list(self.rho),
-            "h_diag": self.h_diag,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory = int(state["memory"])
-        self.curvature_eps = float(state["curvature_eps"])
-        self.s, self.y, self.rho = list(state["s"]), list(state["y"]), list(state["rho"])
-        self.h_diag = state["h_diag"]
-
-
-#: Lower-case alias of :class:`LBFGSHistory`.
-lbfgs_history = LBFGSHistory
 
 
 # --------------------------------------------------------------------------- K-BFGS

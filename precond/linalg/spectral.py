@@ -6,12 +6,17 @@ full matrices) is transformed through its eigendecomposition
 
 * :func:`robust_eigh` — ``torch.linalg.eigh`` on ``(M + Mᵀ)/2`` that never
   raises: a NaN/Inf input or a solver failure (after one float64 retry) gives
-  ``None``.
+  ``None``; :func:`eigh_many` — the same for many matrices, batched by size.
+* :func:`floor_eigenvalues` — eigenvalues below round-off raised to it.
 * :func:`matrix_function` — ``Q diag(fn(λ)) Qᵀ``.
 * :func:`matrix_power` / :func:`inverse_root` — ``(M + εI)^q`` and the two
   damping placements of docs/algorithms.md#inverse-root (``ε`` inside or outside the root).
-* :class:`SpectralCache` — keeps the last good decomposition, counts failures
-  and raises :class:`EighFailureError` after too many consecutive ones.
+* :class:`SpectralCache` — keeps the last good result of a refresh in a state
+  dict, counts failures and reports (:class:`EighFailureError`) after too many
+  consecutive ones.
+
+The ``kronecker`` and ``full`` structures decompose through :func:`eigh_many`
+and keep their results with :class:`SpectralCache`.
 
 All functions accept batched input ``(..., n, n)``; the batch dimensions are
 carried through unchanged.
@@ -20,7 +25,7 @@ carried through unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple, Union
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -33,6 +38,8 @@ __all__ = [
     "EigLike",
     "EighFailureError",
     "SpectralCache",
+    "eigh_many",
+    "floor_eigenvalues",
     "robust_eigh",
     "matrix_function",
     "matrix_power",
@@ -119,6 +126,44 @@ def robust_eigh(mat: Tensor, *, float64_retry: bool = True) -> EighResult | None
     return EighResult(vals.to(out_dtype), vecs.to(out_dtype), retried)
 
 
+def eigh_many(mats: Sequence[Tensor], float64: bool = False) -> list[EighResult | None]:
+    """:func:`robust_eigh` of each matrix, batched over the matrices of equal size.
+
+    One ``eigh`` call per size; a batch that fails is retried matrix by matrix, so a
+    bad matrix (NaN/Inf, no convergence also in float64) fails alone: its entry is
+    ``None``. ``float64``: decompose in float64 (results in each input's dtype).
+    """
+    out: list[EighResult | None] = [None] * len(mats)
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(mats):
+        by_size.setdefault(m.shape[-1], []).append(i)
+    for idx in by_size.values():
+        dtype = mats[idx[0]].dtype
+        work = torch.stack([mats[i] for i in idx])
+        if float64:
+            work = work.double()
+        res = robust_eigh(work)
+        if res is not None:
+            for n, i in enumerate(idx):
+                out[i] = EighResult(res.eigenvalues[n].to(dtype), res.eigenvectors[n].to(dtype), res.retried)
+            continue
+        for n, i in enumerate(idx):
+            one = robust_eigh(work[n])
+            if one is not None:
+                out[i] = EighResult(one.eigenvalues.to(dtype), one.eigenvectors.to(dtype), one.retried)
+    return out
+
+
+def floor_eigenvalues(eigvals: Tensor) -> Tensor:
+    """Eigenvalues below round-off (``λ_max · eps`` of the dtype; negative ones included) raised to it.
+
+    A PSD matrix's eigenvalues that small are noise of the decomposition; left at 0 they make an
+    undamped inverse root infinite (e.g. float32 Shampoo factors summed from a tiny ``eps·I``).
+    """
+    top = eigvals.amax().clamp_min(0.0)
+    return eigvals.clamp_min(float(top) * torch.finfo(eigvals.dtype).eps)
+
+
 def _as_eig(mat_or_eig: Tensor | EigLike) -> tuple[Tensor, Tensor]:
     """Eigenvalues/vectors from a matrix (decomposed now) or a decomposition."""
     if isinstance(mat_or_eig, Tensor):
@@ -194,55 +239,41 @@ def inverse_root(
     raise ValueError(f"damping_position must be 'inside' or 'outside', got {damping_position!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpectralCache:
-    """The last good eigendecomposition of a statistic, with failure counters.
+    """Keep-last-good bookkeeping of a refreshed spectral result, held in a state dict.
 
-    ``refresh(mat)`` decomposes ``mat``; on success the result replaces the
-    cached one and the consecutive-failure counter resets.  On failure the
-    previous result is kept (and returned; it is ``None`` if there never was a
-    success), both counters increase, and once ``consecutive_failures``
-    reaches ``max_failures`` an :class:`EighFailureError` is raised.
-    ``max_failures=None`` never raises.
+    A preconditioner made from an eigendecomposition (the decomposition itself, or
+    the bases, scales and roots derived from it) is refreshed now and then, and
+    lives in a dict that checkpoints carry (an optimizer's per-parameter state).
+    :meth:`refresh` stores a successful result under its own keys, records the
+    step (``refreshed``) and resets the consecutive-failure count; a failure
+    (``None``: the input held NaN/Inf, ``eigh`` failed also in float64, or what
+    was made of it is not finite) leaves the previous result in place — nothing
+    before the first success — and counts it under ``failures`` (consecutive) and
+    ``total``. :meth:`refresh` says when the consecutive count reaches
+    ``max_failures`` (``None``: never); :meth:`error` is the exception to raise.
     """
 
+    failures: str = "failures"  # state key: consecutive failures
+    total: str = "failures_total"  # state key: every failure so far
+    refreshed: str | None = None  # state key: the step of the last success
     max_failures: int | None = 5
-    float64_retry: bool = True
-    result: EighResult | None = None
-    consecutive_failures: int = 0
-    total_failures: int = 0
 
-    def refresh(self, mat: Tensor) -> EighResult | None:
-        res = robust_eigh(mat, float64_retry=self.float64_retry)
-        if res is not None:
-            self.result = res
-            self.consecutive_failures = 0
-            return res
-        self.consecutive_failures += 1
-        self.total_failures += 1
-        if self.max_failures is not None and self.consecutive_failures >= self.max_failures:
-            raise EighFailureError(
-                f"eigendecomposition of a {tuple(mat.shape)} matrix failed "
-                f"{self.consecutive_failures} times in a row "
-                f"(consecutive_failures={self.consecutive_failures} reached "
-                f"max_failures={self.max_failures}; total_failures={self.total_failures}). "
-                "The statistic probably holds NaN/Inf (check the loss and the learning rate) "
-                "or is badly scaled; raise the damping or max_failures."
-            )
-        return self.result
+    def refresh(self, state: dict[str, Any], result: Mapping[str, Any] | None, step: int | None = None) -> bool:
+        """Keep ``result`` or count its failure; True when ``max_failures`` failures in a row are reached."""
+        if result is not None:
+            state[self.failures] = 0
+            state.update(result)
+            if self.refreshed is not None:
+                state[self.refreshed] = step
+            return False
+        state[self.failures] = count = state.get(self.failures, 0) + 1
+        state[self.total] = state.get(self.total, 0) + 1
+        return self.max_failures is not None and count >= self.max_failures
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-data state (tensors and ints) for checkpointing."""
-        return {
-            "eigenvalues": None if self.result is None else self.result.eigenvalues,
-            "eigenvectors": None if self.result is None else self.result.eigenvectors,
-            "consecutive_failures": self.consecutive_failures,
-            "total_failures": self.total_failures,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vals, vecs = state["eigenvalues"], state["eigenvectors"]
-        self.result = None if vals is None else EighResult(vals, vecs, False)
-        self.consecutive_failures = int(state["consecutive_failures"])
-        self.total_failures = int(state["total_failures"])
-
+    def error(self, what: str, why: str) -> EighFailureError:
+        """The exception once ``max_failures`` is reached: ``what`` (the statistic) failed so many times
+        in a row, and ``why`` (the causes and what to do)."""
+        n = self.max_failures
+        return EighFailureError(f"{what} failed {n} times in a row (max_failures={n}): {why}")

@@ -17,6 +17,9 @@ class L2(Decay):
         if wd:
             ctx.grads = list(torch._foreach_add(ctx.grads, ctx.params, alpha=wd))
 
+    def objective_l2(self, weight_decay: float) -> float | None:
+        return float(weight_decay)  # the gradient is that of loss + ½·wd·‖θ‖²
+
 
 @register("decay", "decoupled")
 class Decoupled(Decay):

@@ -36,14 +36,13 @@ from precond.block import Direction, GroupStep, Needs, Step
 from precond.errors import PipelineError, field_problem
 from precond.evaluation import evaluate
 from precond.registry import register
-from precond.step.decay import L2
 
 
 # --- the objective along a line -------------------------------------------------------------
 
 
 def l2_coefficients(ctxs: list[GroupStep], who: str = "a step control that evaluates the loss") -> list[float]:
-    """Per parameter: the ``l2`` weight-decay coefficient that is part of the objective (0 if none).
+    """Per parameter: the weight-decay coefficient that is part of the objective (``l2``; 0 if none).
 
     Decoupled weight decay moves the parameters outside the objective, so the
     loss at the start of the step would not be the loss where the search starts:
@@ -51,14 +50,12 @@ def l2_coefficients(ctxs: list[GroupStep], who: str = "a step control that evalu
     """
     out = []
     for ctx in ctxs:
-        pipe = ctx.optimizer.pipelines[ctx.group["rule"]] if ctx.optimizer is not None else None
-        wd = float(ctx.group.get("weight_decay", 0.0))
-        if pipe is not None and wd and not isinstance(pipe.decay, L2):
+        if ctx.objective_l2 is None:
             raise PipelineError(
                 f"{who} compares losses of one objective; decoupled weight decay changes the parameters outside "
                 "it: use decay: {type: l2} (the penalty ½·wd·‖θ‖² becomes part of the objective)"
             )
-        out.extend([wd if pipe is not None else 0.0] * len(ctx.params))
+        out.extend([ctx.objective_l2] * len(ctx.params))
     return out
 
 

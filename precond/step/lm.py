@@ -13,30 +13,34 @@ model predicted (Martens 2010). ``ρ < lower``: ``λ ← increase·λ``;
 exact solve it equals ``gᵀd``.
 
 The damping is a param-group value, ``group["damping"]``, initialised from the
-``inverse`` transform's ``damping`` field and read by that transform (full
-form), so checkpoints and per-group settings carry it like ``lr``. The loss is
+``inverse`` transform's ``damping`` field, so checkpoints and per-group settings
+carry it like ``lr``; on every step it reaches the transform as a declared fact
+(``ctx.facts.damping``, :class:`precond.interfaces.Facts`), and the quadratic
+model comes back the same way (``ctx.facts.quadratic``, from structure ``full``). The loss is
 that of the closure plus ``½·wd·‖θ‖²`` for ``l2`` weight decay.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 from pydantic import Field, model_validator
 
-from precond.block import Direction, GroupStep, Needs, Step
-from precond.errors import PipelineError, field_problem
+from precond.block import Direction, GroupStep, Needs, Served, Step
+from precond.errors import field_problem
 from precond.linalg.cg import lm_damping_update
 from precond.registry import register
 from precond.step.line_search import l2_coefficients, loss_at_current, objective
 from precond.step.lr import apply_update
-from precond.structure.full import QUADRATIC
 
 
 @register("step", "lm")
 class LevenbergMarquardt(Step):
     """``θ ← θ − lr·d``, then adapt the damping ``λ`` of ``inverse`` from the reduction ratio ρ (one extra forward pass)."""
+
+    produces: ClassVar[frozenset[str]] = frozenset({"damping"})  # read by transform 'inverse' (ctx.facts.damping)
+    requires: ClassVar[frozenset[str]] = frozenset({"quadratic"})  # pᵀ(C + λI)p of the step, from structure 'full'
 
     lower: float = Field(0.25, description="rho below this: increase the damping (lower <= upper)")
     upper: float = Field(0.75, description="rho above this: decrease the damping")
@@ -69,9 +73,9 @@ class LevenbergMarquardt(Step):
         checks): an ``inverse`` transform on a ``full`` structure whose damping starts above 0, and no
         momentum. ``(path in the pipeline, message)`` for each problem."""
         out = []
-        inverse = [(i, t) for i, t in enumerate(pipeline.transforms) if t.name == "inverse"]
+        inverse = [(i, t) for i, t in enumerate(pipeline.transforms) if "damping" in t.consumes]  # transform 'inverse'
         structure = pipeline.structure
-        if not inverse or structure is None or structure.form != "full":
+        if not inverse or structure is None or "quadratic" not in structure.produces:  # structure 'full'
             has = f"structure '{structure.name}'" if structure is not None else "no structure"
             names = ", ".join(t.name for t in pipeline.transforms)
             has += f" and transform {names}" if names else " and no transform"
@@ -101,31 +105,18 @@ class LevenbergMarquardt(Step):
     def distributed_problem(self) -> str | None:
         return "step 'lm' adapts its damping from this process's loss at the trial point (not averaged over the processes)"
 
-    def setup(self, optimizer: Any) -> None:
-        for group in optimizer.param_groups:
-            self._damping(optimizer, group)
+    def stage(self, served: Served) -> LevenbergMarquardt:
+        """Start each param group's damping (a param-group value, like ``lr``) from its ``inverse``
+        transform's (the recipe validator checked that every pipeline has one, above 0)."""
+        for group in served.groups:
+            if "damping" not in group:
+                pipeline = served.pipelines[group["rule"]]
+                group["damping"] = float(next(t.damping for t in pipeline.transforms if "damping" in t.consumes))
+        return self
 
-    def _damping(self, optimizer: Any, group: dict[str, Any]) -> float:
-        """The group's damping, initialised from its ``inverse`` transform on first use."""
-        if "damping" not in group:
-            pipe = optimizer.pipelines[group["rule"]]
-            inverse = [t for t in pipe.transforms if t.name == "inverse"]
-            if not inverse or pipe.structure is None or pipe.structure.form != "full":
-                raise PipelineError(
-                    "step 'lm' adapts the damping of transform 'inverse' on structure 'full'; "
-                    f"param group rule '{group['rule']}' has neither"
-                )
-            if pipe.momentum is not None:
-                raise PipelineError(
-                    "step 'lm' compares the loss change with the model's prediction for d itself: remove the momentum block"
-                )
-            group["damping"] = float(inverse[0].damping)
-        if not group["damping"] > 0:
-            raise PipelineError(
-                "step 'lm' scales the damping up and down by factors, so it must start above 0: "
-                "set the inverse transform's damping (e.g. 1.0)"
-            )
-        return float(group["damping"])
+    def prepare(self, ctxs: list[GroupStep]) -> None:
+        for ctx in ctxs:
+            ctx.facts.damping = float(ctx.group["damping"])
 
     def apply(self, ctxs: list[GroupStep], directions: list[Direction]) -> None:
         if not ctxs:
@@ -137,7 +128,7 @@ class LevenbergMarquardt(Step):
         predicted = 0.0
         for ctx, d in zip(ctxs, directions):
             gd = sum(float((g * t).sum()) for g, t in zip(ctx.grads, d.tensors))
-            quad = ctx.extra.get(QUADRATIC)
+            quad = ctx.facts.quadratic
             dad = quad[1] * (gd / quad[0]) ** 2 if quad is not None and quad[0] else gd
             predicted += -ctx.lr * gd + 0.5 * ctx.lr**2 * dad
             apply_update(ctx.params, d, ctx.lr)
@@ -148,7 +139,7 @@ class LevenbergMarquardt(Step):
         top = math.inf if self.max_damping is None else self.max_damping
         for ctx in ctxs:
             ctx.group["damping"] = lm_damping_update(
-                self._damping(ctx.optimizer, ctx.group), rho, self.lower, self.upper, self.increase, self.decrease,
+                float(ctx.group["damping"]), rho, self.lower, self.upper, self.increase, self.decrease,
                 min_damping=self.min_damping, max_damping=top,
             )
         ctxs[0].states[0][self.key("rho")] = rho

@@ -6,16 +6,13 @@ Sophia); ``post`` averages the preconditioned direction (K-FAC).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 
 from precond.block import Direction, GroupStep, Momentum, uniform
 from precond.registry import register
-
-Position = Literal["pre", "post"]
-
 
 @register("momentum", "heavy_ball")
 class HeavyBall(Momentum):
@@ -24,10 +21,9 @@ class HeavyBall(Momentum):
     Exactly torch.optim.SGD's momentum; ``beta: 0`` keeps no state at all.
     """
 
-    beta: float = Field(0.9, ge=0.0, description="momentum factor μ")
+    beta: float = Field(0.9, ge=0.0, description="momentum factor μ; the param-group value 'momentum' (schedulers such as OneCycleLR change it)")
     dampening: float = Field(0.0, ge=0.0, le=1.0, description="dampening for momentum")
     nesterov: bool = Field(False, description="Nesterov momentum: d + μ b")
-    position: Position = Field("pre", description="before (pre) or after (post) preconditioning")
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> HeavyBall:
@@ -36,7 +32,8 @@ class HeavyBall(Momentum):
         return self
 
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
-        if self.beta == 0:
+        beta = self.factor(ctx)
+        if beta == 0:
             return direction
         if not direction.plain:
             direction = direction.materialize()
@@ -47,11 +44,11 @@ class HeavyBall(Momentum):
         old = [i for i, s in enumerate(ctx.states) if i not in fresh] if fresh else range(len(ctx.states))
         if old:
             bufs = [ctx.states[i][key] for i in old]
-            torch._foreach_mul_(bufs, self.beta)
+            torch._foreach_mul_(bufs, beta)
             torch._foreach_add_(bufs, [direction.tensors[i] for i in old], alpha=1.0 - self.dampening)
         bufs = ctx.gathered(key)
         if self.nesterov:
-            return Direction(list(torch._foreach_add(direction.tensors, bufs, alpha=self.beta)), 1.0, True)
+            return Direction(list(torch._foreach_add(direction.tensors, bufs, alpha=beta)), 1.0, True)
         return Direction(bufs, 1.0, False)
 
 
@@ -59,9 +56,8 @@ class HeavyBall(Momentum):
 class EMA(Momentum):
     """``m ← β m + (1 - β) d`` from ``m₀ = 0``, read as ``m / (1 - βᵗ)`` with bias correction (Adam)."""
 
-    beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay β₁")
+    beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay β₁; the param-group value 'momentum' (schedulers such as OneCycleLR change it)")
     bias_correction: bool = Field(True, description="divide by 1 - β^t")
-    position: Position = Field("pre", description="before (pre) or after (post) preconditioning")
 
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         state[self.key("avg")] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -69,8 +65,9 @@ class EMA(Momentum):
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         if not direction.plain:
             direction = direction.materialize()
+        beta = self.factor(ctx)
         avg = ctx.gathered(self.key("avg"))
-        torch._foreach_lerp_(avg, direction.tensors, 1.0 - self.beta)
+        torch._foreach_lerp_(avg, direction.tensors, 1.0 - beta)
         if not self.bias_correction:
             return Direction(avg, 1.0, False)
-        return Direction(avg, uniform([1.0 / (1.0 - self.beta**t) for t in ctx.steps]), False)
+        return Direction(avg, uniform([1.0 / (1.0 - beta**t) for t in ctx.steps]), False)

@@ -7,8 +7,22 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from precond.block import Curvature, Direction, Estimate, GroupStep, Structure, Transform, per_parameter
+from precond.block import Curvature, DiagonalEstimate, Direction, Estimate, GroupStep, Structure, Transform, per_parameter
 from precond.registry import register
+
+
+def accumulate_(diag: list[torch.Tensor], est: DiagonalEstimate, accumulate: str, beta: float) -> None:
+    """``D ← D + s·d`` (``sum``) or ``D ← β D + (1-β)·s·d`` (``ema``) in place, with ``d`` the estimate's values
+    or the squares of its roots and ``s`` its scale (Adagrad's and Adam's second moment; also grafting's)."""
+    weight = est.scale
+    if accumulate == "ema":
+        torch._foreach_mul_(diag, beta)
+        weight *= 1.0 - beta
+    if est.roots is not None:
+        torch._foreach_addcmul_(diag, est.roots, est.roots, value=weight)
+    else:
+        assert est.values is not None
+        torch._foreach_add_(diag, est.values, alpha=weight)
 
 
 @register("structure", "diagonal")
@@ -35,17 +49,8 @@ class Diagonal(Structure):
             state[self.key("max")] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
-        est = curvature.diagonal(ctx)
         diag = ctx.gathered(self.key("diag"))
-        weight = est.scale
-        if self.accumulate == "ema":
-            torch._foreach_mul_(diag, self.beta)
-            weight *= 1.0 - self.beta
-        if est.roots is not None:
-            torch._foreach_addcmul_(diag, est.roots, est.roots, value=weight)
-        else:
-            assert est.values is not None
-            torch._foreach_add_(diag, est.values, alpha=weight)
+        accumulate_(diag, curvature.diagonal(ctx), self.accumulate, self.beta)
         for s in ctx.states:
             s[self.key("updates")] += 1
         if self.amsgrad:
@@ -68,12 +73,12 @@ class Diagonal(Structure):
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
         values, divisors = self.statistic(ctx)
         if transform.every == 1 and transform.start == 1:
-            return transform.diagonal(values, divisors, direction)  # type: ignore[attr-defined]
+            return transform.diagonal(values, divisors, direction)  # type: ignore[attr-defined]  # per-form method: Structure.supports checked it
         # amortised: cache the elementwise multiplier f(D) and refresh it when due
         key = self.key("multiplier")
         if transform.due(ctx.step) or any(key not in s for s in ctx.states):
             ones = Direction([torch.ones_like(v) for v in values], 1.0, True)
-            multipliers = transform.diagonal(values, divisors, ones).materialize().tensors  # type: ignore[attr-defined]
+            multipliers = transform.diagonal(values, divisors, ones).materialize().tensors  # type: ignore[attr-defined]  # per-form method
             for s, m in zip(ctx.states, multipliers):
                 s[key] = m
         if direction.denominator is not None:

@@ -20,26 +20,31 @@ and says whether it holds ``C`` or ``C⁻¹`` (the ``secant`` quasi-Newton
 updates: BFGS keeps the inverse ``H``, so ``inverse`` is then a product).
 
 The matrix of a block lives in the state of the block's first parameter
-(``structure.matrix``), so checkpoints carry it.
+(``structure.matrix``), so checkpoints carry it, and so does its last good
+eigendecomposition (``structure.eigenvalues``, ``structure.eigenvectors``): a
+failed one (NaN/Inf, or no convergence also in float64) leaves the previous in
+use, is counted (``structure.failures``) and raises after ``max_failures`` in a
+row, as the Kronecker structure does (:class:`precond.linalg.spectral.SpectralCache`).
+:class:`Full` is the configuration, :class:`FullStage` the structure in one
+optimizer (its curvature block, and block owners on several processes).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from precond.block import Curvature, Direction, Estimate, GroupStep, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Served, Stage, Structure, Transform
+from precond.distributed import Ownership
 from precond.errors import PipelineError
 from precond.linalg.cg import cg
-from precond.linalg.spectral import robust_eigh
+from precond.linalg.spectral import EighFailureError, SpectralCache, robust_eigh
 from precond.registry import register
 
 Scope = Literal["tensor", "layer", "model"]
-CURVATURE = "structure.full.curvature"  # ctx.extra: the curvature block, for matrix-free products
-FRESH = "structure.full.fresh"  # ctx.extra: this step's fresh estimates, per block
-QUADRATIC = "quadratic"  # ctx.extra: (gᵀd, dᵀ(scale·C + λI)d) of the structure's output, when known
 
 
 # --- blocks of parameters ------------------------------------------------------------------
@@ -63,24 +68,6 @@ def partition(params: list[torch.Tensor], scope: Scope, info: dict[torch.Tensor,
     return list(groups.values())
 
 
-def sub_step(ctx: GroupStep, idx: list[int]) -> GroupStep:
-    """The part of ``ctx`` that covers ``params[idx]`` (same group, evaluation and ``extra``)."""
-    if len(idx) == len(ctx.params):
-        return ctx
-    return GroupStep(
-        ctx.optimizer,
-        ctx.group,
-        [ctx.params[i] for i in idx],
-        [ctx.grads[i] for i in idx],
-        [ctx.states[i] for i in idx],
-        [ctx.steps[i] for i in idx],
-        ctx.step,
-        ctx.evaluation,
-        scope=ctx.scope,
-        extra=ctx.extra,
-    )
-
-
 def secant_estimates(curvature: Curvature, ctx: GroupStep, blocks: list[list[int]], what: str) -> list[Estimate]:
     """The secant pair ``(s, y)`` a curvature's ``pair`` forms for each block (none on its first step)."""
     pair = getattr(curvature, "pair", None)
@@ -88,7 +75,7 @@ def secant_estimates(curvature: Curvature, ctx: GroupStep, blocks: list[list[int
         return []
     out: list[Estimate] = []
     for b, idx in enumerate(blocks):
-        step = pair(sub_step(ctx, idx))
+        step = pair(ctx.part(idx))
         if step.s is None:
             continue
         where = f"{what} {b} of {len(blocks)}"
@@ -105,40 +92,40 @@ def unflat(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]
     return [c.view_as(p) for c, p in zip(torch.split(vector, [p.numel() for p in like]), like)]
 
 
-def groups_of(optimizer: Any, block: Any, kind: str) -> list[tuple[Any, dict[str, Any]]]:
-    """``(pipeline, param group)`` for every group whose pipeline uses ``block`` as its ``kind``."""
-    out = []
-    for group in optimizer.param_groups:
-        pipe = optimizer.pipelines[group["rule"]]
-        if getattr(pipe, kind) is block:
-            out.append((pipe, group))
-    return out
-
-
 # --- operators the transforms act through ----------------------------------------------------
 
 
+class NoDecomposition(Exception):
+    """A dense block has no eigendecomposition yet (every one so far failed): its direction passes unchanged."""
+
+
 class DenseOperator:
-    """``C`` held as a dense matrix, or as its inverse ``H = C⁻¹`` (``inverse=True``)."""
+    """``C`` held as a dense matrix, or as its inverse ``H = C⁻¹`` (``inverse=True``).
+
+    ``eig``: the decomposition to use; else ``decompose()`` makes one when a transform first needs it
+    (the structure's keep-last-good refresh: the new decomposition, the previous one, or None).
+    """
 
     def __init__(
-        self, matrix: torch.Tensor, inverse: bool, method: str, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        matrix: torch.Tensor,
+        inverse: bool,
+        method: str,
+        eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+        decompose: Callable[[], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     ) -> None:
         self.matrix = matrix
         self.inverse = inverse
         self.method = method
         self._eig = eig
+        self._decompose = decompose
 
     def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues and eigenvectors of the stored matrix (``C``, or ``H`` when inverse)."""
+        if self._eig is None and self._decompose is not None:
+            self._eig, self._decompose = self._decompose(), None
         if self._eig is None:
-            res = robust_eigh(self.matrix)
-            if res is None:
-                raise PipelineError(
-                    "the eigendecomposition of the full curvature matrix failed (it holds NaN/Inf): "
-                    "check the loss and the learning rate, or add damping"
-                )
-            self._eig = (res.eigenvalues, res.eigenvectors.contiguous())  # one layout, however computed or received
+            raise NoDecomposition
         return self._eig
 
     def function(self, fn: Callable[[torch.Tensor], torch.Tensor], vector: torch.Tensor) -> torch.Tensor:
@@ -222,11 +209,15 @@ class Full(Structure):
     ``inverse`` refreshed every step, a Cholesky solve (``method: cholesky``,
     falling back to ``eigh`` when the matrix is not positive definite). A
     transform with ``every: k`` reuses the eigendecomposition for ``k`` steps.
+    A failed eigendecomposition (NaN/Inf, or no convergence also in float64)
+    keeps the block's previous one (none before the first success: the
+    direction passes unchanged) and raises after ``max_failures`` in a row.
     ``cg``: matrix-free, only ``inverse`` (``(scale·C + λI)⁻¹ v`` by CG on the
     curvature block's products; the curvature must refresh every step).
     """
 
     form: ClassVar[str] = "full"
+    produces: ClassVar[frozenset[str]] = frozenset({"quadratic"})  # of an inverse's solve, for step 'lm'
 
     scope: Scope = Field("model", description="one matrix per tensor, per layer (owning module), or per param group")
     solver: Literal["dense", "cg"] = Field("dense", description="dense matrix, or matrix-free conjugate gradients")
@@ -240,6 +231,7 @@ class Full(Structure):
     cg_stop: Literal["residual", "martens"] = Field("residual", description="cg: residual test only, or also Martens' relative progress")
     martens_eps: float = Field(5e-4, gt=0.0, description="cg: epsilon of Martens' relative-progress stop")
     warm_start: float = Field(0.0, ge=0.0, le=1.0, description="cg: start from this multiple of the previous solution (0: cold)")
+    max_failures: int = Field(5, ge=1, description="dense: raise after this many consecutive failed eigendecompositions of a block")
 
     @model_validator(mode="after")
     def _cg_is_matrix_free(self) -> Full:
@@ -277,49 +269,78 @@ class Full(Structure):
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def setup(self, optimizer: Any) -> None:
-        for pipe, group in groups_of(optimizer, self, "structure"):
-            params = [p for p in group["params"] if p.requires_grad]
-            curvature = pipe.curvature
-            if optimizer.comm.sharded and callable(getattr(curvature, "full_update", None)):
-                raise PipelineError(
-                    f"curvature '{curvature.name}' refines the full matrix from its previous value on every process; "
-                    "distributed.mode: sharded keeps a block's matrix on its owner only: use distributed.mode: replicated"
-                )
-            if self.solver == "cg":
-                if not callable(getattr(curvature, "matvec", None)):
-                    raise PipelineError(
-                        f"structure 'full' with solver: cg needs curvature-vector products, which curvature "
-                        f"'{curvature.name}' does not provide; use solver: dense"
-                    )
-                if curvature.every != 1 or curvature.start != 1:
-                    raise PipelineError(
-                        "structure 'full' with solver: cg needs the curvature on every step (every: 1, start: 1)"
-                    )
-                continue
-            for idx in partition(params, self.scope, optimizer.param_info):
-                n = sum(params[i].numel() for i in idx)
-                if n > self.max_params:
-                    size = n * n * params[idx[0]].element_size()
-                    raise PipelineError(
-                        f"structure 'full' with solver: dense would keep a {n}x{n} matrix ({size / 2**20:.0f} MiB) "
-                        f"and decompose it every refresh; the limit is max_params={self.max_params}. Use solver: cg "
-                        "(matrix-free conjugate gradients on curvature-vector products), a smaller scope "
-                        "(scope: layer | tensor), or raise max_params"
-                    )
+    def stage(self, served: Served) -> FullStage:
+        """What depends on the model and the processes (the recipe validator checked the rest)."""
+        curvature = served.pipeline.curvature
+        if served.env.comm.sharded and callable(getattr(curvature, "full_update", None)):
+            raise PipelineError(
+                f"curvature '{getattr(curvature, 'name', None)}' refines the full matrix from its previous value on every "
+                "process; distributed.mode: sharded keeps a block's matrix on its owner only: use distributed.mode: replicated"
+            )
+        if self.solver == "dense":
+            for group in served.groups:
+                params = [p for p in group["params"] if p.requires_grad]
+                for idx in partition(params, self.scope, served.env.info):
+                    n = sum(params[i].numel() for i in idx)
+                    if n > self.max_params:
+                        size = n * n * params[idx[0]].element_size()
+                        raise PipelineError(
+                            f"structure 'full' with solver: dense would keep a {n}x{n} matrix ({size / 2**20:.0f} MiB) "
+                            f"and decompose it every refresh; the limit is max_params={self.max_params}. Use solver: cg "
+                            "(matrix-free conjugate gradients on curvature-vector products), a smaller scope "
+                            "(scope: layer | tensor), or raise max_params"
+                        )
+        return FullStage(self, served)
 
-    # --- the step ---------------------------------------------------------------------
+    # --- pure per-configuration logic -------------------------------------------------------
 
     def blocks(self, ctx: GroupStep) -> list[list[int]]:
-        info = ctx.optimizer.param_info if ctx.optimizer is not None else {}
-        return partition(ctx.params, self.scope, info)
+        return partition(ctx.params, self.scope, ctx.env.info)
+
+    def amortised(self, transform: Transform) -> bool:
+        """Whether ``transform`` keeps the eigendecomposition between its refresh steps."""
+        return transform.every != 1 or transform.start != 1
+
+
+@dataclass
+class _Refresh:
+    """What a step's eigendecomposition of one block did (for the exchange and the error)."""
+
+    tried: bool = False
+    result: dict[str, torch.Tensor] | None = None  # the new decomposition, None when it failed
+    exhausted: bool = False  # max_failures failures in a row
+
+
+_WHY = (
+    "the eigendecomposition failed (the matrix holds NaN/Inf, or eigh did not converge, also in float64): check "
+    "the loss and the learning rate, or add damping"
+)
+
+
+class FullStage(Stage):
+    """The full structure in one optimizer: its configuration, its curvature block (CG multiplies by it) and
+    who owns which block on several processes."""
+
+    config: Full
+
+    def __init__(self, config: Full, served: Served) -> None:
+        super().__init__(config)
+        curvature = served.pipeline.curvature
+        assert curvature is not None  # the recipe validator: a structure needs a curvature
+        self.curvature = curvature
+        self.ownership = Ownership(served.env.comm)
+        self.keys = {what: config.key(what) for what in ("matrix", "inverse", "updates", "eigenvalues", "eigenvectors")}
+        self.cache = SpectralCache(config.key("failures"), config.key("failures_total"), None, config.max_failures)
+
+    def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+        """Nothing per parameter up front: a block's matrix appears with its first estimate."""
 
     def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
         """Fresh dense estimates per block (kept for ``update``); a secant refinement's pair ``(s, y)``
         per block; none for CG (it keeps no statistics)."""
-        if self.solver == "cg":
+        if self.config.solver == "cg":
             return []
-        blocks = self.blocks(ctx)
+        blocks = self.config.blocks(ctx)
         if callable(getattr(curvature, "full_update", None)):
             return secant_estimates(curvature, ctx, blocks, "dense block")
         n = len(blocks)
@@ -330,30 +351,31 @@ class Full(Structure):
 
     def _fresh(self, ctx: GroupStep, curvature: Curvature) -> list[torch.Tensor]:
         """This step's dense estimate per block, computed once."""
-        key = (FRESH, id(self))
-        if key not in ctx.extra:
-            ctx.extra[key] = [curvature.full(sub_step(ctx, idx)) for idx in self.blocks(ctx)]
-        return ctx.extra[key]
+        return ctx.memo(self, "fresh", lambda: [curvature.full(ctx.part(idx)) for idx in self.config.blocks(ctx)])
+
+    def _owners(self, ctx: GroupStep, blocks: list[list[int]]) -> list[int]:
+        """Each block's owner process (cost ``n³``)."""
+        names = [f"full:{ctx.env.index(ctx.params[idx[0]])}" for idx in blocks]
+        costs = [float(sum(ctx.params[i].numel() for i in idx)) ** 3 for idx in blocks]
+        return self.ownership.owners(names, tuple(map(id, ctx.params)), lambda: list(zip(names, costs)))
 
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
-        ctx.extra[CURVATURE] = curvature
-        if self.solver == "cg":
+        c, k = self.config, self.keys
+        if c.solver == "cg":
             return
         refine = getattr(curvature, "full_update", None)
         fresh = None if callable(refine) else self._fresh(ctx, curvature)
-        k_matrix, k_inverse, k_updates = self.key("matrix"), self.key("inverse"), self.key("updates")
-        blocks = self.blocks(ctx)
-        comm = ctx.optimizer.comm
-        owners = self._owners(ctx, blocks) if comm.sharded else [comm.rank] * len(blocks)
+        blocks = c.blocks(ctx)
+        owners = self._owners(ctx, blocks) if self.ownership.sharded else None
         for b, idx in enumerate(blocks):
-            sub = sub_step(ctx, idx)
+            sub = ctx.part(idx)
             st = sub.states[0]
-            if owners[b] != comm.rank:  # sharded: the owner alone keeps the block's matrix
-                for key in (k_matrix, self.key("eigenvalues"), self.key("eigenvectors")):
+            if owners is not None and not self.ownership.keeps(owners[b]):  # sharded: the owner alone keeps the matrix
+                for key in (k["matrix"], k["eigenvalues"], k["eigenvectors"]):
                     st.pop(key, None)
-                st[k_updates] = st.get(k_updates, 0) + 1
+                st[k["updates"]] = st.get(k["updates"], 0) + 1
                 continue
-            old = st.get(k_matrix)
+            old = st.get(k["matrix"])
             n = sum(p.numel() for p in sub.params)
             if old is not None and old.shape[0] != n:
                 raise PipelineError(
@@ -366,104 +388,148 @@ class Full(Structure):
                 assert fresh is not None
                 est = fresh[b]
                 inverse = False
-                if self.accumulate == "replace":
+                if c.accumulate == "replace":
                     matrix = est
                 elif old is None:
-                    matrix = est * (1.0 - self.beta) if self.accumulate == "ema" else est.clone()
+                    matrix = est * (1.0 - c.beta) if c.accumulate == "ema" else est.clone()
                 else:
                     matrix = old
-                    if self.accumulate == "ema":
-                        matrix.mul_(self.beta).add_(est, alpha=1.0 - self.beta)
+                    if c.accumulate == "ema":
+                        matrix.mul_(c.beta).add_(est, alpha=1.0 - c.beta)
                     else:
                         matrix.add_(est)
-            st[k_matrix] = matrix
-            st[k_inverse] = bool(inverse)
-            st[k_updates] = st.get(k_updates, 0) + 1
+            st[k["matrix"]] = matrix
+            st[k["inverse"]] = bool(inverse)
+            st[k["updates"]] = st.get(k["updates"], 0) + 1
 
-    def operator(self, ctx: GroupStep, transform: Transform) -> DenseOperator | CGOperator | None:
+    # --- the eigendecomposition: keep the last good one ------------------------------------------
+
+    def _kept(self, st: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        vals = st.get(self.keys["eigenvalues"])
+        return None if vals is None else (vals, st[self.keys["eigenvectors"]])
+
+    def _decompose(
+        self, st: dict[str, Any], matrix: torch.Tensor, outcome: _Refresh
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decompose ``matrix`` (float64 retry) into ``st``; on failure the previous decomposition stays
+        (counted). Returns the decomposition to use (None: there never was one)."""
+        res = robust_eigh(matrix)
+        outcome.tried = True
+        outcome.result = None if res is None else {
+            self.keys["eigenvalues"]: res.eigenvalues,
+            self.keys["eigenvectors"]: res.eigenvectors.contiguous(),  # one layout, however computed or received
+        }
+        outcome.exhausted = self.cache.refresh(st, outcome.result)
+        return self._kept(st)
+
+    def _decomposes(self, st: dict[str, Any], transform: Transform, step: int) -> bool:
+        """Whether this step's solve may decompose the block's matrix (the same on every process)."""
+        if st.get(self.keys["matrix"]) is None:
+            return False
+        return not self.config.amortised(transform) or transform.due(step) or self.keys["eigenvalues"] not in st
+
+    def operator(
+        self, ctx: GroupStep, transform: Transform, outcome: _Refresh | None = None
+    ) -> DenseOperator | CGOperator | None:
         """The view of the block's curvature the transform acts through (``None`` before any estimate)."""
-        st = ctx.states[0]
-        if self.solver == "cg":
-            curvature = ctx.extra.get(CURVATURE)
-            if curvature is None:
-                raise PipelineError("structure 'full' with solver: cg has no curvature on this step")
+        c, st = self.config, ctx.states[0]
+        if c.solver == "cg":
 
             def product(x: torch.Tensor) -> torch.Tensor:
-                return flat(curvature.matvec(ctx, unflat(x, ctx.params)))
+                return flat(self.curvature.matvec(ctx, unflat(x, ctx.params)))  # type: ignore[attr-defined]  # CG's curvature has matvec (recipe_problems)
 
-            return CGOperator(product, st, self)
-        matrix = st.get(self.key("matrix"))
+            return CGOperator(product, st, c)
+        matrix = st.get(self.keys["matrix"])
         if matrix is None:
             return None
-        updates = st.get(self.key("updates"), 0)
-        if self.accumulate == "ema" and self.bias_correction and updates:
-            matrix = matrix / (1.0 - self.beta**updates)
-        eig = None
-        if transform.every != 1 or transform.start != 1:  # amortised: keep the decomposition
-            k_vals, k_vecs = self.key("eigenvalues"), self.key("eigenvectors")
-            if transform.due(ctx.step) or k_vals not in st:
-                op = DenseOperator(matrix, st[self.key("inverse")], self.method)
-                st[k_vals], st[k_vecs] = op.eig()
-            eig = (st[k_vals], st[k_vecs])
-        return DenseOperator(matrix, st[self.key("inverse")], self.method, eig)
+        updates = st.get(self.keys["updates"], 0)
+        if c.accumulate == "ema" and c.bias_correction and updates:
+            matrix = matrix / (1.0 - c.beta**updates)
+        inverse = st[self.keys["inverse"]]
+        outcome = _Refresh() if outcome is None else outcome
+        if c.amortised(transform):  # keep the decomposition between refreshes
+            if transform.due(ctx.step) or self.keys["eigenvalues"] not in st:
+                self._decompose(st, matrix, outcome)
+            return DenseOperator(matrix, inverse, c.method, self._kept(st))
+        return DenseOperator(matrix, inverse, c.method, None, lambda: self._decompose(st, matrix, outcome))
 
-    def _owners(self, ctx: GroupStep, blocks: list[list[int]]) -> list[int]:
-        """Each block's owner process (cost ``n³``, :func:`precond.distributed.assign_named`)."""
-        comm = ctx.optimizer.comm
-        sizes = [sum(ctx.params[i].numel() for i in idx) for idx in blocks]
-        costs = [(f"full:{ctx.optimizer.index_of(ctx.params[idx[0]])}", float(n) ** 3) for idx, n in zip(blocks, sizes)]
-        return comm.owners(costs)
-
-    def _refreshes_eig(self, st: dict[str, Any], transform: Transform, step: int) -> bool:
-        """Whether this step's solve recomputes the kept eigendecomposition (the same on every process)."""
-        amortised = transform.every != 1 or transform.start != 1
-        return amortised and st.get(self.key("matrix")) is not None and (transform.due(step) or self.key("eigenvalues") not in st)
-
-    def _solve(self, sub: GroupStep, transform: Transform, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``x = f(C) v`` and the quadratic ``(vᵀx, xᵀ(scale·C + λI)x)``; None before any estimate."""
-        op = self.operator(sub, transform)
+    def _solve(
+        self, sub: GroupStep, transform: Transform, v: torch.Tensor, outcome: _Refresh
+    ) -> list[torch.Tensor] | None:
+        """``[x, (vᵀx, xᵀ(scale·C + λI)x)]`` with ``x = f(C) v``; None before any estimate or decomposition."""
+        op = self.operator(sub, transform, outcome)
         if op is None:
             return None
-        x = transform.full(sub, op, v)  # type: ignore[attr-defined]
+        try:
+            x = transform.full(sub, op, v)  # type: ignore[attr-defined]  # a per-form method: Structure.supports checked it
+        except NoDecomposition:
+            return None
         quad = getattr(op, "quadratic", None)
         if quad is None:  # exact solves: xᵀ(scale·C + λI)x = vᵀx
             quad = (float(v @ x),) * 2
-        return x, torch.tensor(quad, dtype=torch.float64)
+        return [x, torch.tensor(quad, dtype=torch.float64)]
+
+    # --- the direction -----------------------------------------------------------------------
 
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
-        """Per block ``x = f(C) v``. On several processes each block's owner solves (and refreshes the
-        eigendecomposition) and one all-gather hands every process every block's ``x`` (in replicated
-        mode also a refreshed eigendecomposition, so every process keeps the same state)."""
+        """Per block ``x = f(C) v``. On several processes each block's owner solves (and decomposes) and one
+        exchange hands every process every block's ``x``; in replicated mode also the owner's decomposition
+        (or its failure), so that every process keeps the same state."""
         if direction.denominator is not None:
             direction = direction.materialize()
-        comm = ctx.optimizer.comm
-        blocks = self.blocks(ctx)
-        owners = self._owners(ctx, blocks) if comm.active else [comm.rank] * len(blocks)
-        items, local, travels = [], {}, []
-        for b, idx in enumerate(blocks):
-            sub = sub_step(ctx, idx)
-            n = sum(p.numel() for p in sub.params)
-            travels.append(comm.active and not comm.sharded and self._refreshes_eig(sub.states[0], transform, ctx.step))
-            items.append((owners[b], [(n,), (2,)] + ([(n,), (n, n)] if travels[b] else [])))
-            if owners[b] == comm.rank:
-                solved = self._solve(sub, transform, flat([direction.tensors[i] for i in idx]))
-                eig = [sub.states[0][self.key("eigenvalues")], sub.states[0][self.key("eigenvectors")]] if travels[b] and solved else []
-                local[b] = (1.0, [*solved, *eig]) if solved is not None else (0.0, None)
-        results = comm.exchange(items, local, torch.float64) if comm.active else [local[b] for b in range(len(blocks))]
+        k = self.keys
+        blocks = self.config.blocks(ctx)
+        subs = [ctx.part(idx) for idx in blocks]
+        sizes = [sum(p.numel() for p in sub.params) for sub in subs]
+        owners = self._owners(ctx, blocks)
+        replicated = self.ownership.active and not self.ownership.sharded
+        travels = [b for b, s in enumerate(subs) if replicated and self._decomposes(s.states[0], transform, ctx.step)]
+        outcomes: dict[int, _Refresh] = {}
+
+        def solve(b: int) -> tuple[float, list[torch.Tensor] | None]:
+            outcome = outcomes[b] = _Refresh()
+            x = self._solve(subs[b], transform, flat([direction.tensors[i] for i in blocks[b]]), outcome)
+            return (-1.0, None) if outcome.exhausted else (0.0, None) if x is None else (1.0, x)
+
+        def decomposed(b: int) -> tuple[float, list[torch.Tensor] | None]:
+            outcome = outcomes[b]
+            if not outcome.tried:
+                return 0.0, None
+            return (-1.0, None) if outcome.result is None else (1.0, list(outcome.result.values()))
+
+        def computed(indices: list[int]) -> list[tuple[float, list[torch.Tensor] | None]]:
+            # the solves come first: a block's decomposition item follows its solve item
+            return [solve(i) if i < len(blocks) else decomposed(travels[i - len(blocks)]) for i in indices]
+
+        results = self.ownership.share(
+            owners + [owners[b] for b in travels],
+            [[(n,), (2,)] for n in sizes] + [[(sizes[b],), (sizes[b], sizes[b])] for b in travels],
+            computed,
+            torch.float64,
+        )
+        for b, (status, tensors) in zip(travels, results[len(blocks) :]):  # replicated: keep the owner's outcome
+            if status != 0 and not self.ownership.mine(owners[b]):
+                st = subs[b].states[0]
+                like = st[k["matrix"]].dtype
+                kept = None
+                if tensors is not None:
+                    kept = {k["eigenvalues"]: tensors[0].to(like), k["eigenvectors"]: tensors[1].to(like)}
+                self.cache.refresh(st, kept)
         out: list[torch.Tensor] = list(direction.tensors)
         gd, dad, known = 0.0, 0.0, True
-        for b, (idx, (_, tensors)) in enumerate(zip(blocks, results)):
-            if tensors is None:  # no estimate yet (the curvature starts later): leave the direction as it is
+        for b, (idx, sub, (status, tensors)) in enumerate(zip(blocks, subs, results)):
+            if status < 0:
+                raise self._failure(b, len(blocks), sizes[b])
+            if tensors is None:  # no estimate or decomposition yet: leave the direction as it is
                 known = False
                 continue
-            params = [ctx.params[i] for i in idx]
-            st = ctx.states[idx[0]]
-            if travels[b]:
-                like = st[self.key("matrix")]
-                st[self.key("eigenvalues")], st[self.key("eigenvectors")] = (t.to(like.dtype) for t in tensors[2:4])
-            for i, t in zip(idx, unflat(tensors[0].to(params[0].dtype), params)):
+            for i, t in zip(idx, unflat(tensors[0].to(sub.params[0].dtype), sub.params)):
                 out[i] = t
             gd, dad = gd + float(tensors[1][0]), dad + float(tensors[1][1])
-        if known and transform.name == "inverse":
-            ctx.extra[QUADRATIC] = (gd, dad)
+        if known and transform.solves:  # the quadratic model of a solve, for step 'lm'
+            ctx.facts.quadratic = (gd, dad)
         return Direction(out, direction.coef, True)
+
+    def _failure(self, b: int, total: int, n: int) -> EighFailureError:
+        what = f"structure 'full': the eigendecomposition of dense block {b} of {total} ({n}x{n})"
+        return self.cache.error(what, _WHY)

@@ -24,7 +24,7 @@ from precond.block import Curvature, Direction, Estimate, GroupStep, Structure, 
 from precond.errors import PipelineError
 from precond.linalg.quasi_newton import two_loop
 from precond.registry import register
-from precond.structure.full import Scope, flat, groups_of, partition, secant_estimates, sub_step, unflat
+from precond.structure.full import Scope, flat, partition, secant_estimates, unflat
 
 
 @register("structure", "history")
@@ -58,22 +58,8 @@ class History(Structure):
             )]
         return []
 
-    def setup(self, optimizer: Any) -> None:
-        for pipe, _ in groups_of(optimizer, self, "structure"):
-            observe = getattr(pipe.curvature, "observe", None)
-            if not callable(observe):
-                raise PipelineError(
-                    f"structure 'history' needs secant pairs; curvature '{pipe.curvature.name}' has none (use secant)"
-                )
-            if getattr(pipe.curvature, "update", "bfgs") != "bfgs":
-                raise PipelineError(
-                    "structure 'history' is limited-memory BFGS (the two-loop recursion); "
-                    f"secant update '{pipe.curvature.update}' needs structure 'full'"
-                )
-
     def blocks(self, ctx: GroupStep) -> list[list[int]]:
-        info = ctx.optimizer.param_info if ctx.optimizer is not None else {}
-        return partition(ctx.params, self.scope, info)
+        return partition(ctx.params, self.scope, ctx.env.info)
 
     def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
         """This step's secant pair ``(s, y)`` per block (none on the first step)."""
@@ -83,9 +69,9 @@ class History(Structure):
         k_s, k_y, k_rho = self.key("s"), self.key("y"), self.key("rho")
         k_head, k_diag, k_first = self.key("head"), self.key("h_diag"), self.key("first_scale")
         for idx in self.blocks(ctx):
-            sub = sub_step(ctx, idx)
+            sub = ctx.part(idx)
             st = sub.states[0]
-            step = curvature.observe(sub)  # type: ignore[attr-defined]
+            step = curvature.observe(sub)  # type: ignore[attr-defined]  # secant pairs: the validator checked the curvature has them
             st[k_first] = step.first_scale
             if step.s is None:
                 continue
@@ -126,7 +112,7 @@ class History(Structure):
             direction = direction.materialize()
         out = list(direction.tensors)
         for idx in self.blocks(ctx):
-            sub = sub_step(ctx, idx)
+            sub = ctx.part(idx)
             st = sub.states[0]
             v = flat([direction.tensors[i] for i in idx])
             s, y, rho = self.pairs(st)

@@ -28,31 +28,21 @@ recipe's blocks. Only ``inverse`` (undamped: the damping is ``λ`` here) applies
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from precond.block import Curvature, Direction, Estimate, GroupStep, Needs, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Needs, Served, Stage, Structure, Transform
 from precond.errors import PipelineError
 from precond.evaluation import evaluate
 from precond.guard import all_finite
-from precond.layers import Layer, Recorder, factor_dtype, find_layers, layer_rows, require_one_group, sample_count
+from precond.kron.sources import LayerHooks
+from precond.layers import Layer, factor_dtype, layer_rows, sample_count
 from precond.linalg.quasi_newton import bfgs_inverse_update, double_damping, two_loop
 from precond.registry import register
 from precond.transform.spectral import float32_damping
-
-_RUNTIMES: weakref.WeakKeyDictionary[Any, dict[int, _Runtime]] = weakref.WeakKeyDictionary()
-
-
-@dataclass(eq=False)
-class _Runtime:
-    layers: dict[Tensor, Layer] = field(default_factory=dict)
-    recorder: Recorder | None = None
-    pending: dict[str, Any] | None = None  # this step's pre-activation statistics and closure, for after_step
 
 
 class _LBFGSOperator:
@@ -102,69 +92,58 @@ class KBFGS(Structure):
             and getattr(transform, "scale", 1.0) == 1.0
         )
 
-    def recipe_problems(self, curvature: Any) -> list[tuple[str, str]]:
-        """Validation, with the recipe (``setup`` checks the same when built without it)."""
-        if curvature.name != "secant":
-            return [("curvature", "structure 'kbfgs' forms its secant pairs from the layers: use curvature: {type: secant}")]
-        return []
+    def h_g(self, st: dict[str, Any]) -> Any:
+        """``H_g`` as a matrix (K-BFGS) or as an operator on its L-BFGS memory (K-BFGS(L))."""
+        if self.g_update == "bfgs":
+            return st[self.key("H_g")]
+        return _LBFGSOperator(st.get(self.key("mem_s")), st.get(self.key("mem_y")))
 
     # --- lifecycle ----------------------------------------------------------------------
+    # (only curvature 'secant' fills a 'kbfgs' structure: the recipe validator's estimator x structure check)
 
-    def setup(self, optimizer: Any) -> None:
-        table = _RUNTIMES.setdefault(optimizer, {})
-        if id(self) in table:
-            return
-        pipes = [p for p in optimizer.pipelines.values() if p.structure is self]
-        if any(p.curvature is None or p.curvature.name != "secant" for p in pipes):
-            raise PipelineError("structure 'kbfgs' forms its secant pairs from the layers: use curvature: {type: secant}")
-        params = [q for pipe in pipes for q in optimizer.pipeline_params(pipe) if q.requires_grad]
-        rt = _Runtime()
-        rt.layers = find_layers(params, optimizer.param_info, f"recipe '{optimizer.recipe.name}' (structure kbfgs)")
-        require_one_group(rt.layers.values(), optimizer.param_groups, "structure kbfgs")
-        rt.recorder = Recorder(dict.fromkeys(rt.layers.values()), capture_grads=True, owner=optimizer)
-        table[id(self)] = rt
+    def stage(self, served: Served) -> KBFGSStage:
+        return KBFGSStage(self, served)
 
-    def _runtime(self, optimizer: Any) -> _Runtime:
-        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
-        if rt is None:
-            raise PipelineError("structure 'kbfgs' runs inside a precond Optimizer (its setup was not called)")
-        return rt
 
-    def before_closure(self, optimizer: Any, step: int) -> None:
-        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
-        if rt is not None and rt.recorder is not None:
-            rt.pending = None
-            rt.recorder.arm()
+class KBFGSStage(Stage):
+    """K-BFGS in one optimizer: its configuration, its layers and their hooks (armed on every step), and this
+    step's pending pre-activation statistics for the pass at the new parameters after the step."""
 
-    def after_step(self, optimizer: Any) -> None:
-        rt = _RUNTIMES.get(optimizer, {}).get(id(self))
-        if rt is None or rt.recorder is None:
-            return
-        pending, rt.pending = rt.pending, None
+    config: KBFGS
+
+    def __init__(self, config: KBFGS, served: Served) -> None:
+        super().__init__(config)
+        params = [q for q in served.params if q.requires_grad]
+        self.hooks = LayerHooks(params, served, "structure kbfgs", capture_grads=True, owner=self)
+        self.pending: dict[str, Any] | None = None  # this step's pre-activation statistics and closure, for after_step
+
+    def init_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        """Nothing per parameter up front: a layer's factors appear with its first statistics."""
+
+    def before_closure(self, step: int) -> None:
+        self.pending = None
+        self.hooks.arm()
+
+    def after_step(self) -> None:
+        pending, self.pending = self.pending, None
         try:
             if pending is not None:
-                self._pre_activation_update(optimizer, rt, pending)
+                self._pre_activation_update(pending)
         finally:
-            rt.recorder.disarm()
+            self.hooks.disarm()
 
     # --- statistics -------------------------------------------------------------------------
 
-    def _layers(self, ctx: GroupStep, rt: _Runtime) -> list[tuple[Layer, list[int]]]:
-        pos = {p: i for i, p in enumerate(ctx.params)}
-        out, seen = [], set()
-        for p in ctx.params:
-            layer = rt.layers[p]
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            out.append((layer, [pos[q] for q in layer.params if q in pos]))
-        return out
+    def _layers(self, ctx: GroupStep) -> list[tuple[Layer, list[int]]]:
+        """The layers of ``ctx.params`` and the positions of their parameters there."""
+        return [(layer, [i for i in (iw, ib) if i is not None]) for layer, iw, ib in self.hooks.of(ctx.params)]
 
-    def _means(self, rt: _Runtime, m: int) -> dict[Layer, tuple[Tensor, Tensor, Tensor]]:
+    def _means(self, m: int) -> dict[Layer, tuple[Tensor, Tensor, Tensor]]:
         """Per recorded layer: input rows, mean pre-activation row, mean per-sample output-gradient row."""
+        recorder = self.hooks.recorder
         out = {}
-        for layer, rec in rt.recorder.records.items():  # type: ignore[union-attr]
-            rt.recorder.check_intact(layer)  # type: ignore[union-attr]
+        for layer, rec in recorder.records.items():
+            recorder.check_intact(layer)
             grads = [(g if g is not None else torch.zeros_like(o)).unsqueeze(0) for g, o in zip(rec.grads, rec.outputs)]
             h_rows, g_rows = layer_rows(layer, rec, grads)
             a_rows = torch.cat([layer.output_rows(o.detach()) for o in rec.outputs])
@@ -174,14 +153,13 @@ class KBFGS(Structure):
     def _fresh(self, ctx: GroupStep) -> list[tuple[Layer, list[int], dict[str, Tensor]]]:
         """Per layer of the group, this step's statistics (computed once): ``hh`` = ``(1/R) Σ h hᵀ`` of the
         input rows, ``h`` their mean, ``a`` the mean pre-activation and ``g`` the mean output gradient."""
-        key = (self.key("fresh"), id(self))
-        if key in ctx.extra:
-            return ctx.extra[key]
-        rt = self._runtime(ctx.optimizer)
+        return ctx.memo(self, "fresh", lambda: self._statistics(ctx))
+
+    def _statistics(self, ctx: GroupStep) -> list[tuple[Layer, list[int], dict[str, Tensor]]]:
         m = sample_count(ctx.evaluation.outputs, "structure kbfgs")
-        means = self._means(rt, m)
+        means = self._means(m)
         out = []
-        for layer, idx in self._layers(ctx, rt):
+        for layer, idx in self._layers(ctx):
             if layer not in means:
                 raise PipelineError(
                     f"structure kbfgs: the forward hook of layer '{layer.name}' did not fire inside the closure"
@@ -189,7 +167,6 @@ class KBFGS(Structure):
             h_rows, a_mean, g_mean = (t.to(factor_dtype(t)) for t in means[layer])  # float32 for half params
             stats = {"hh": h_rows.T @ h_rows / h_rows.shape[0], "h": h_rows.mean(0), "a": a_mean, "g": g_mean}
             out.append((layer, idx, stats))
-        ctx.extra[key] = out
         return out
 
     def estimates(self, ctx: GroupStep, curvature: Curvature) -> list[Estimate]:
@@ -208,40 +185,42 @@ class KBFGS(Structure):
         ]
 
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
-        rt = self._runtime(ctx.optimizer)
-        root = math.sqrt(self.damping)
+        c = self.config
+        root = math.sqrt(c.damping)
         for layer, _, stats in self._fresh(ctx):
             hh, h_mean, a_mean, g_mean = stats["hh"], stats["h"], stats["a"], stats["g"]
-            st = ctx.optimizer.state[layer.params[0]]
-            k_a, k_ha = self.key("A"), self.key("H_a")
+            st = ctx.env.state_of(layer.params[0])
+            k_a, k_ha = c.key("A"), c.key("H_a")
             eye = torch.eye(hh.shape[0], dtype=hh.dtype, device=hh.device)
             if k_a not in st:
                 st[k_a] = hh
                 st[k_ha] = torch.linalg.inv(hh + root * eye)
-                if self.g_update == "bfgs":
-                    st[self.key("H_g")] = torch.eye(layer.d_out, dtype=hh.dtype, device=hh.device)
+                if c.g_update == "bfgs":
+                    st[c.key("H_g")] = torch.eye(layer.d_out, dtype=hh.dtype, device=hh.device)
             else:
-                st[k_a] = self.a_decay * st[k_a] + (1.0 - self.a_decay) * hh
+                st[k_a] = c.a_decay * st[k_a] + (1.0 - c.a_decay) * hh
                 s_a = st[k_ha] @ h_mean
                 y_a = st[k_a] @ s_a + root * s_a  # A_LM s_a
                 st[k_ha] = bfgs_inverse_update(st[k_ha], s_a, y_a).matrix
-            if rt.pending is None:
-                rt.pending = {"closure": ctx.evaluation.closure, "params": ctx.evaluation.params, "before": {}}
-            rt.pending["before"][layer] = (a_mean, g_mean)
+            if self.pending is None:
+                self.pending = {"closure": ctx.evaluation.closure, "params": ctx.evaluation.params, "before": {},
+                                "state_of": ctx.env.state_of}
+            self.pending["before"][layer] = (a_mean, g_mean)
 
-    def _pre_activation_update(self, optimizer: Any, rt: _Runtime, pending: dict[str, Any]) -> None:
+    def _pre_activation_update(self, pending: dict[str, Any]) -> None:
         """The G side: run the closure at θ₊ on the same batch, form the damped pairs, update ``H_g``."""
+        c = self.config
         params = pending["params"]
         saved = [p.grad for p in params]
-        rt.recorder.arm()  # type: ignore[union-attr]
+        self.hooks.arm()
         try:
             who = "structure kbfgs (the pass at the new parameters)"
             ev = evaluate(pending["closure"], params, Needs(outputs=True), who)
-            means = self._means(rt, sample_count(ev.outputs, "structure kbfgs"))
+            means = self._means(sample_count(ev.outputs, "structure kbfgs"))
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
-        mu2 = math.sqrt(self.damping)
+        mu2 = math.sqrt(c.damping)
         with torch.no_grad():
             for layer, (a_old, g_old) in pending["before"].items():
                 if layer not in means:
@@ -252,56 +231,44 @@ class KBFGS(Structure):
                     continue
                 if not all_finite([s, y]):  # the new point diverged: no pair (H_g keeps its finite value)
                     continue
-                st = optimizer.state[layer.params[0]]
-                k_s, k_y = self.key("s_g"), self.key("y_g")
-                if self.pair_decay and k_s in st:
-                    s = self.pair_decay * st[k_s] + (1.0 - self.pair_decay) * s
-                    y = self.pair_decay * st[k_y] + (1.0 - self.pair_decay) * y
+                st = pending["state_of"](layer.params[0])
+                k_s, k_y = c.key("s_g"), c.key("y_g")
+                if c.pair_decay and k_s in st:
+                    s = c.pair_decay * st[k_s] + (1.0 - c.pair_decay) * s
+                    y = c.pair_decay * st[k_y] + (1.0 - c.pair_decay) * y
                 st[k_s], st[k_y] = s, y
-                h_g = self._h_g(st)
-                pair = double_damping(s, y, h_g, self.mu1, mu2=mu2)
-                if self.g_update == "bfgs":
-                    result = bfgs_inverse_update(st[self.key("H_g")], pair.s, pair.y)
-                    st[self.key("H_g")] = result.matrix
+                pair = double_damping(s, y, c.h_g(st), c.mu1, mu2=mu2)
+                if c.g_update == "bfgs":
+                    result = bfgs_inverse_update(st[c.key("H_g")], pair.s, pair.y)
+                    st[c.key("H_g")] = result.matrix
                     updated = result.status != "skipped"
                 else:
                     updated = bool(torch.dot(pair.s, pair.y) > 1e-10)
                     if updated:
-                        k_ms, k_my = self.key("mem_s"), self.key("mem_y")
+                        k_ms, k_my = c.key("mem_s"), c.key("mem_y")
                         old_s = st.get(k_ms, pair.s.new_zeros(0, pair.s.numel()))
                         old_y = st.get(k_my, pair.y.new_zeros(0, pair.y.numel()))
-                        st[k_ms] = torch.cat([old_s, pair.s.unsqueeze(0)])[-self.memory :]
-                        st[k_my] = torch.cat([old_y, pair.y.unsqueeze(0)])[-self.memory :]
+                        st[k_ms] = torch.cat([old_s, pair.s.unsqueeze(0)])[-c.memory :]
+                        st[k_my] = torch.cat([old_y, pair.y.unsqueeze(0)])[-c.memory :]
                 if updated:
-                    st[self.key("damped_s")], st[self.key("damped_y")] = pair.s, pair.y
-
-    def _h_g(self, st: dict[str, Any]) -> Any:
-        """``H_g`` as a matrix (K-BFGS) or as an operator on its L-BFGS memory (K-BFGS(L))."""
-        if self.g_update == "bfgs":
-            return st[self.key("H_g")]
-        return _LBFGSOperator(st.get(self.key("mem_s")), st.get(self.key("mem_y")))
+                    st[c.key("damped_s")], st[c.key("damped_y")] = pair.s, pair.y
 
     # --- the direction --------------------------------------------------------------------
 
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
+        c = self.config
         if direction.denominator is not None:
             direction = direction.materialize()
-        rt = self._runtime(ctx.optimizer)
         out = list(direction.tensors)
-        for layer, idx in self._layers(ctx, rt):
-            st = ctx.optimizer.state[layer.params[0]]
-            if self.key("H_a") not in st:  # no statistics yet (the curvature has not run)
+        for layer, iw, ib in self.hooks.of(ctx.params):
+            st = ctx.env.state_of(layer.params[0])
+            if c.key("H_a") not in st:  # no statistics yet (the curvature has not run)
                 continue
-            parts = {id(ctx.params[i]): direction.tensors[i] for i in idx}
-            v = layer.to_matrix(
-                parts.get(id(layer.weight)) if layer.weight is not None else None,
-                parts.get(id(layer.bias)) if layer.bias is not None else None,
-            )
-            h_g = self._h_g(st)
-            h_a = st[self.key("H_a")]
-            p = ((h_g @ v.to(h_a.dtype)) @ h_a).to(v.dtype)
-            w, b = layer.from_matrix(p)
-            for i in idx:
-                q = ctx.params[i]
-                out[i] = w if q is layer.weight else b
+            parts = direction.tensors
+            v = layer.to_matrix(None if iw is None else parts[iw], None if ib is None else parts[ib])
+            h_a = st[c.key("H_a")]
+            p = ((c.h_g(st) @ v.to(h_a.dtype)) @ h_a).to(v.dtype)
+            for i, t in zip((iw, ib), layer.from_matrix(p)):
+                if i is not None:
+                    out[i] = t  # type: ignore[assignment]  # from_matrix gives the parts the layer has
         return Direction(out, direction.coef, True)

@@ -20,7 +20,6 @@ that fails to load is reported with a warning and skipped.
 from __future__ import annotations
 
 import difflib
-import importlib.metadata
 import inspect
 import math
 import warnings
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from precond import plugins
 
 ENTRY_POINT_GROUP = "precond.tasks"
 
@@ -145,7 +146,7 @@ def register_task(name: str, *, overwrite: bool = False) -> Callable[[TaskFactor
         _TASKS[key] = factory
         if _loading_plugins:
             _PLUGIN_NAMES.add(key)
-        factory.task_name = key  # type: ignore[attr-defined]
+        factory.task_name = key  # type: ignore[attr-defined]  # a plain function: the attribute is ours to add
         return factory
 
     return decorator
@@ -172,22 +173,6 @@ def _ensure_builtins() -> None:
     import precond.tasks  # noqa: F401
 
 
-def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except Exception as exc:  # noqa: BLE001  (broken metadata on sys.path)
-        warnings.warn(f"precond: could not read entry points {ENTRY_POINT_GROUP!r}: {exc}", stacklevel=3)
-        return []
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for ep in eps:
-        key = (ep.name, ep.value)
-        if key not in seen:
-            seen.add(key)
-            out.append(ep)
-    return out
-
-
 def load_plugins(reload: bool = False) -> list[str]:
     """Discover task plugins from the ``precond.tasks`` entry-point group.
 
@@ -203,7 +188,7 @@ def load_plugins(reload: bool = False) -> list[str]:
         _TASKS.pop(name, None)
     _PLUGIN_NAMES.clear()
     _plugins_loaded = True
-    for ep in _entry_points():
+    for ep in plugins.entry_points(ENTRY_POINT_GROUP):
         key = (ep.name, ep.value)
         cached = _PLUGIN_CACHE.get(key)
         if cached is not None:
@@ -213,21 +198,20 @@ def load_plugins(reload: bool = False) -> list[str]:
                     _PLUGIN_NAMES.add(name)
             continue
         before = set(_TASKS)
-        _loading_plugins = True
-        try:
-            obj = ep.load()
-        except Exception as exc:  # noqa: BLE001
-            # forget whatever the broken plugin registered before failing
+
+        def forget(before: set[str] = before) -> None:  # what the broken plugin registered before failing
             for name in set(_TASKS) - before:
                 _TASKS.pop(name, None)
                 _PLUGIN_NAMES.discard(name)
-            warnings.warn(
-                f"precond: could not load task plugin {ep.name!r} ({ep.value}): {type(exc).__name__}: {exc}",
-                stacklevel=2,
-            )
-            continue
+
+        _loading_plugins = True
+        try:
+            errors: dict[str, str] = {}
+            obj = plugins.load(ep, "task", errors, undo=forget)
         finally:
             _loading_plugins = False
+        if errors:
+            continue
         ep_key = _normalize(ep.name)
         if callable(obj) and not inspect.ismodule(obj):
             if ep_key not in _TASKS:

@@ -7,9 +7,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from precond.block import Direction, GroupStep, Transform
+from precond.block import DiagonalEstimate, Direction, GroupStep, Transform
 from precond.registry import register
-from precond.transform.spectral import float32_damping
+from precond.structure.diagonal import accumulate_
+from precond.transform.spectral import diagonal_power, float32_damping
 
 
 @register("transform", "graft")
@@ -51,23 +52,17 @@ class Graft(Transform):
         return ctx.gathered(key)
 
     def reference(self, ctx: GroupStep) -> list[torch.Tensor]:
-        """The grafted method's direction ``u`` for this step (updates its state)."""
+        """The grafted method's direction ``u`` for this step (updates its state): the diagonal structure's
+        accumulation and inverse square root, on the grafted method's own statistic."""
         grads = ctx.grads
         if self.source == "sgd":
             return list(grads)
         stat = self._statistic(ctx)
-        if self.source == "adagrad":
-            torch._foreach_addcmul_(stat, grads, grads)
-            denom = torch._foreach_sqrt(stat)
-        else:
-            torch._foreach_mul_(stat, self.beta2)
-            torch._foreach_addcmul_(stat, grads, grads, value=1.0 - self.beta2)
-            denom = torch._foreach_sqrt(stat)
-            if self.bias_correction:
-                steps = [s[self.key("graft_steps")] for s in ctx.states]
-                torch._foreach_div_(denom, [(1.0 - self.beta2**t) ** 0.5 for t in steps])
-        torch._foreach_add_(denom, self.eps)
-        return list(torch._foreach_div(grads, denom))
+        accumulate_(stat, DiagonalEstimate(roots=grads), "sum" if self.source == "adagrad" else "ema", self.beta2)
+        divisors = None
+        if self.source == "adam" and self.bias_correction:
+            divisors = [1.0 - self.beta2 ** s[self.key("graft_steps")] for s in ctx.states]
+        return diagonal_power(stat, divisors, Direction(list(grads)), 2.0, self.eps, True).materialize().tensors
 
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         d = direction.materialize()

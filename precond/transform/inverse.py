@@ -22,6 +22,8 @@ class Inverse(Transform):
     """
 
     spectral: ClassVar[bool] = True
+    solves: ClassVar[bool] = True
+    consumes: ClassVar[frozenset[str]] = frozenset({"damping"})  # step 'lm''s adapted damping takes the field's place
 
     damping: float = Field(
         0.0, ge=0, description="Tikhonov damping added to the curvature, or its floor (max); 0, or a normal float32 (>= 1.2e-38)"
@@ -76,10 +78,10 @@ class Inverse(Transform):
         """Full form: ``(scale·C + damping·I)⁻¹ v`` (``add``: a solve) or the spectral function (``max``).
 
         ``operator`` is the ``full`` structure's view of ``C`` (a dense matrix, its inverse, or
-        products for CG). A ``damping`` value in the param group, when present (set by the
-        ``lm`` step control, or by the user per group), takes the place of the field.
+        products for CG). The damping a step control adapts (``lm``: ``ctx.facts.damping``), when
+        there is one, takes the place of the field.
         """
-        damping = float(ctx.group.get("damping", self.damping))
+        damping = self.damping if ctx.facts.damping is None else ctx.facts.damping
         if self.damping_mode == "add":
             return operator.solve(vector, self.scale, damping)
         return operator.function(lambda lam: 1.0 / (self.scale * lam).clamp_min(damping), vector)

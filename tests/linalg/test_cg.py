@@ -1,4 +1,4 @@
-"""Conjugate gradients, the Martens stop rule, CG backtracking and LM damping."""
+"""Conjugate gradients, the Martens stop rule and LM damping."""
 
 from __future__ import annotations
 
@@ -9,12 +9,7 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
-from precond.linalg.cg import (
-    backtrack_iterations,
-    cg,
-    lm_damping_update,
-    select_backtracked_iterate,
-)
+from precond.linalg.cg import cg, lm_damping_update
 
 D = torch.float64
 
@@ -155,38 +150,6 @@ def test_negative_curvature_detected():
     # zero curvature along p counts too
     res = cg(lambda v: torch.zeros_like(v), b, max_iter=10)
     assert res.negative_curvature_flag
-
-
-def test_backtrack_schedule():
-    assert backtrack_iterations(100) == [5, 7, 9, 11, 15, 19, 25, 32, 41, 54, 69, 90]
-    assert backtrack_iterations(4) == []
-    assert all(i == math.ceil(5 * 1.3**j) for j, i in enumerate(backtrack_iterations(10_000)))
-    A, b = spd(40, 10, cond=1e4), rand(40, seed=11)
-    res = cg(lambda v: A @ v, b, max_iter=30, tol=0.0, backtrack_schedule=True)
-    its = [i for i, _ in res.saved_iterates]
-    assert its == [5, 7, 9, 11, 15, 19, 25, 30]  # schedule plus the last iterate
-    for i, x in res.saved_iterates:
-        short = cg(lambda v: A @ v, b, max_iter=i, tol=0.0)
-        torch.testing.assert_close(x, short.x, rtol=0, atol=0)
-    assert cg(lambda v: A @ v, b, max_iter=30, tol=0.0).saved_iterates == []
-
-
-def test_select_backtracked_iterate():
-    saved = [(5, "a"), (7, "b"), (9, "c"), (11, "d")]
-    losses = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 2.5}
-    calls = []
-
-    def loss(x):
-        calls.append(x)
-        return losses[x]
-
-    assert select_backtracked_iterate(saved, loss) == (7, "b", 1.0)
-    assert calls == ["d", "c", "b", "a"]
-    assert select_backtracked_iterate(saved[:1], loss) == (5, "a", 3.0)
-    losses["d"] = 0.5  # the last iterate is best: no backtracking
-    assert select_backtracked_iterate(saved, loss)[0] == 11
-    with pytest.raises(ValueError):
-        select_backtracked_iterate([], loss)
 
 
 def test_lm_damping_update():

@@ -1,4 +1,5 @@
-"""Kronecker damping variants, Shampoo, blocking and KL clipping."""
+"""Kronecker damping forms, Shampoo, blocking and KL clipping: the kernels the kronecker structure calls,
+against dense closed forms."""
 
 from __future__ import annotations
 
@@ -12,20 +13,17 @@ import torch
 from precond.linalg.kron import (
     block_partition,
     kl_clip_scale,
-    kron_matvec,
     kron_precondition_exact,
-    kron_precondition_factored,
-    kron_precondition_per_factor,
+    kron_spectrum,
     merge_small_dims,
     mode_products,
     pi_adjusted_damping,
     reassemble_blocks,
-    shampoo_precondition,
     shampoo_statistics,
     split_into_blocks,
     tracenorm_pi,
 )
-from precond.linalg.spectral import robust_eigh
+from precond.linalg.spectral import inverse_root, robust_eigh
 
 D = torch.float64
 
@@ -51,12 +49,23 @@ def np_power(m: np.ndarray, e: float, eps: float = 0.0) -> np.ndarray:
     return (v * (np.clip(w, 0, None) + eps) ** e) @ v.T
 
 
+def exact(V, eig_a, eig_g, lam):
+    """The exact damping form as the structure computes it: ``f(λ_C)`` at a refresh, applied in the eigenbasis."""
+    (da, qa), (dg, qg) = eig_a[:2], eig_g[:2]
+    return kron_precondition_exact(V, [qg, qa], 1.0 / (kron_spectrum([dg, da]) + lam))
+
+
+def roots(V, factors, damping, p=1.0, position="inside"):
+    """The per-factor forms as the structure computes them: one damped root per factor, then mode products."""
+    return mode_products(V, [inverse_root(f, p, d, position) for f, d in zip(factors, damping)])
+
+
 # --------------------------------------------------------------------------- conventions
 
 
 def test_vec_conventions():
     A, G, V = psd(4, 0), psd(3, 1), rand(3, 4, seed=2)
-    out = kron_matvec(V, A, G)
+    out = mode_products(V, [G, A])  # the curvature's action G V Aᵀ
     # row-major (torch .flatten()):  kron(G, A)
     np.testing.assert_allclose(out.flatten().numpy(), np.kron(G, A) @ V.flatten().numpy(), atol=1e-13)
     # column-major (paper's vec):  kron(A, G) = A ⊗ G
@@ -77,17 +86,28 @@ def test_exact_kronecker_damping_equals_dense_solve(lam):
     for eig_a, eig_g in [
         (robust_eigh(A), robust_eigh(G)),
         (tuple(torch.linalg.eigh(A)), tuple(torch.linalg.eigh(G))),
-        (A, G),  # matrices are decomposed on the fly
     ]:
-        out = kron_precondition_exact(V, eig_a, eig_g, lam)
+        out = exact(V, eig_a, eig_g, lam)
         assert_rel(out, ref)
     # it really inverts the damped curvature
-    torch.testing.assert_close(kron_matvec(out, A, G) + lam * out, V, rtol=0, atol=1e-9)
+    torch.testing.assert_close(mode_products(out, [G, A]) + lam * out, V, rtol=0, atol=1e-9)
+
+
+def test_exact_form_of_three_factors_and_a_root():
+    """Order 3 with share 3 (Shampoo's C = (F_1 ⊗ F_2 ⊗ F_3)^(1/3)) and f(λ) = λ^(-1/2): the dense C^(-1/2)."""
+    fs, X = [psd(n, 40 + n) for n in (2, 3, 4)], rand(2, 3, 4, seed=44)
+    eigs = [robust_eigh(f) for f in fs]
+    scale = kron_spectrum([e.eigenvalues for e in eigs], share=3) ** -0.5
+    assert scale.shape == (2, 3, 4)
+    out = kron_precondition_exact(X, [e.eigenvectors for e in eigs], scale)
+    dense = np.kron(np.kron(fs[0].numpy(), fs[1].numpy()), fs[2].numpy())  # row-major vec of X
+    ref = np_power(np_power(dense, 1.0 / 3.0), -0.5) @ X.flatten().numpy()
+    np.testing.assert_allclose(out.flatten().numpy(), ref, rtol=0, atol=1e-9)
 
 
 def test_exact_kronecker_damping_batched():
     A, G, V = psd(3, 6, batch=(4,)), psd(2, 7, batch=(4,)), rand(4, 2, 3, seed=8)
-    out = kron_precondition_exact(V, robust_eigh(A), robust_eigh(G), 0.01)
+    out = exact(V, robust_eigh(A), robust_eigh(G), 0.01)
     for i in range(4):
         ref = np.linalg.solve(np.kron(G[i], A[i]) + 0.01 * np.eye(6), V[i].flatten().numpy())
         np.testing.assert_allclose(out[i].flatten().numpy(), ref, atol=1e-10)
@@ -106,44 +126,53 @@ def test_factored_damping_closed_form(pi):
         np.linalg.inv(fg) @ V.numpy() @ np.linalg.inv(fa), ref, atol=1e-10
     )  # closed form of the Kronecker solve
     for fa_in, fg_in in [(A, G), (robust_eigh(A), robust_eigh(G))]:
-        out = kron_precondition_factored(V, fa_in, fg_in, lam, pi=pi)
+        da, dg = pi_adjusted_damping([fa_in, fg_in], lam, pi)
+        out = roots(V, [fg_in, fa_in], [dg, da])
         np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-10)
-    da, dg = pi_adjusted_damping(A, G, lam, pi)
     assert float(da) == pytest.approx(p * math.sqrt(lam), rel=1e-12)
     assert float(dg) == pytest.approx(math.sqrt(lam) / p, rel=1e-12)
     # The factored approximation is not the exact damping.
-    exact = kron_precondition_exact(V, robust_eigh(A), robust_eigh(G), lam)
-    assert (out - exact).abs().max() > 1e-3
+    assert (out - exact(V, robust_eigh(A), robust_eigh(G), lam)).abs().max() > 1e-3
+
+
+def test_factored_damping_of_three_factors():
+    """π_i = t_i / (Π_j t_j)^(1/3): the product of the π_i is 1 and factor i gets π_i λ^(1/3)."""
+    fs, lam = [psd(3, 60) * 5.0, psd(4, 61), psd(2, 62) * 0.1], 0.2
+    t = [float(f.trace()) / f.shape[0] for f in fs]
+    mean = math.prod(t) ** (1.0 / 3.0)
+    damping = pi_adjusted_damping([robust_eigh(f) for f in fs], lam)
+    for d, ti in zip(damping, t):
+        assert float(d) == pytest.approx(ti / mean * lam ** (1.0 / 3.0), rel=1e-12)
+    assert math.prod(float(p) for p in tracenorm_pi(fs)) == pytest.approx(1.0, rel=1e-12)
 
 
 def test_tracenorm_pi_batched_and_degenerate():
     A, G = psd(4, 12, batch=(3,)), psd(2, 13, batch=(3,))
     A[1] = 0.0  # no statistics yet
-    pi = tracenorm_pi(A, G)
+    pi, pi_g = tracenorm_pi([A, G])
     assert pi.shape == (3,)
     for i in (0, 2):
         ref = math.sqrt((A[i].trace().item() / 4) / (G[i].trace().item() / 2))
         assert pi[i].item() == pytest.approx(ref, rel=1e-12)
-    assert pi[1].item() == 1.0
-    V = rand(3, 2, 4, seed=14)
-    out = kron_precondition_factored(V, A, G, 0.1)
+        assert pi_g[i].item() == pytest.approx(1.0 / ref, rel=1e-12)
+    assert pi[1].item() == 1.0 and pi_g[1].item() == 1.0
+    da, dg = pi_adjusted_damping([A, G], 0.1)
     for i in range(3):
-        ref = kron_precondition_factored(V[i], A[i], G[i], 0.1)
-        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-12)
-    out_eig = kron_precondition_factored(V, robust_eigh(A), robust_eigh(G), 0.1)
-    torch.testing.assert_close(out_eig, out, rtol=0, atol=1e-12)
+        one = pi_adjusted_damping([A[i], G[i]], 0.1)
+        torch.testing.assert_close(torch.stack([da[i], dg[i]]), torch.stack(one), rtol=1e-14, atol=0)
+    from_eig = pi_adjusted_damping([robust_eigh(A), robust_eigh(G)], 0.1)
+    torch.testing.assert_close(torch.stack(from_eig), torch.stack([da, dg]), rtol=1e-12, atol=0)
     with pytest.raises(ValueError):
-        pi_adjusted_damping(A, G, 0.1, pi=-1.0)
+        pi_adjusted_damping([A, G], 0.1, pi=-1.0)
 
 
 def test_per_factor_damping_closed_form_and_differs_from_exact():
     A, G, V, lam = psd(4, 15), psd(3, 16), rand(3, 4, seed=17), 0.1
     ref = np.linalg.inv(G.numpy() + lam * np.eye(3)) @ V.numpy() @ np.linalg.inv(A.numpy() + lam * np.eye(4))
     for fa, fg in [(A, G), (robust_eigh(A), robust_eigh(G))]:
-        out = kron_precondition_per_factor(V, fa, fg, lam)
+        out = roots(V, [fg, fa], [lam, lam])
         np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-10)
-    exact = kron_precondition_exact(V, robust_eigh(A), robust_eigh(G), lam)
-    assert (out - exact).abs().max() > 1e-2
+    assert (out - exact(V, robust_eigh(A), robust_eigh(G), lam)).abs().max() > 1e-2
 
 
 # --------------------------------------------------------------------------- Shampoo
@@ -174,7 +203,7 @@ def test_shampoo_one_step_matrix_equals_numpy_reference():
         sl, sr = shampoo_statistics(gt)
         L, R = L + sl, R + sr
     g = grads[-1]
-    out = shampoo_precondition(g, [robust_eigh(L), robust_eigh(R)])  # default exponent -1/4
+    out = roots(g, [robust_eigh(L), robust_eigh(R)], [0.0, 0.0], p=4)  # per factor -1/(p·k) = -1/4
     ref = np_power(L.numpy(), -0.25) @ g.numpy() @ np_power(R.numpy(), -0.25)
     np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-10)
     # the same as (R^{-1/4} ⊗ L^{-1/4}) vec(G), column-major
@@ -182,21 +211,19 @@ def test_shampoo_one_step_matrix_equals_numpy_reference():
     np.testing.assert_allclose(out.numpy().flatten(order="F"), kron_ref, atol=1e-10)
     # damping added before the root == starting from eps*I
     L0, R0 = L - eps * torch.eye(4, dtype=D), R - eps * torch.eye(6, dtype=D)
-    out_d = shampoo_precondition(g, [robust_eigh(L0), robust_eigh(R0)], damping=eps)
+    out_d = roots(g, [robust_eigh(L0), robust_eigh(R0)], [eps, eps], p=4)
     np.testing.assert_allclose(out_d.numpy(), ref, rtol=0, atol=1e-8)
 
 
 def test_shampoo_3d_tensor_with_minus_one_sixth():
     g = rand(3, 4, 2, seed=30)
     stats = [s + 1e-3 * torch.eye(s.shape[0], dtype=D) for s in shampoo_statistics(g)]
-    out = shampoo_precondition(g, [robust_eigh(s) for s in stats])
+    out = roots(g, [robust_eigh(s) for s in stats], [0.0] * 3, p=6)
     p = [np_power(s.numpy(), -1.0 / 6.0) for s in stats]
     ref = np.einsum("ai,bj,ck,ijk->abc", p[0], p[1], p[2], g.numpy())
     np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-10)
-    out_explicit = shampoo_precondition(g, [robust_eigh(s) for s in stats], exponent=-1.0 / 6.0)
-    torch.testing.assert_close(out_explicit, out, rtol=0, atol=0)
     # per-factor exponents and a skipped (None) dimension
-    out2 = shampoo_precondition(g, [robust_eigh(stats[0]), None, robust_eigh(stats[2])], exponent=[-0.5, 0.0, -0.25])
+    out2 = mode_products(g, [inverse_root(robust_eigh(stats[0]), 2), None, inverse_root(robust_eigh(stats[2]), 4)])
     ref2 = np.einsum("ai,ck,ijk->ajc", np_power(stats[0].numpy(), -0.5), np_power(stats[2].numpy(), -0.25), g.numpy())
     np.testing.assert_allclose(out2.numpy(), ref2, rtol=0, atol=1e-10)
 
@@ -206,25 +233,25 @@ def test_shampoo_vector_is_full_matrix_adagrad():
     gs = [rand(5, seed=40 + t) for t in range(4)]
     H = sum(shampoo_statistics(gt)[0] for gt in gs)
     g = gs[-1]
-    out = shampoo_precondition(g, [robust_eigh(H)], damping=eps)  # k = 1: exponent -1/2
+    out = roots(g, [robust_eigh(H)], [eps], p=2)  # k = 1: exponent -1/2
     gg = sum(np.outer(x.numpy(), x.numpy()) for x in gs)
     ref = np_power(gg + eps * np.eye(5), -0.5) @ g.numpy()
     np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-10)
 
 
-def test_mode_products_and_shampoo_argument_checks():
+def test_mode_products_argument_checks():
     t = rand(2, 3, seed=50)
     m0, m1 = rand(4, 2, seed=51), rand(5, 3, seed=52)  # non-square: checks the index order
     torch.testing.assert_close(mode_products(t, [m0, m1]), m0 @ t @ m1.T)
+    torch.testing.assert_close(mode_products(t, [None, m1]), t @ m1.T)
     torch.testing.assert_close(mode_products(t, [None, None]), t)
+    t3, m2 = rand(2, 3, 4, seed=53), rand(3, 4, seed=54)
+    ref = np.einsum("ai,bj,ck,ijk->abc", m0.numpy(), m1.numpy(), m2.numpy(), t3.numpy())
+    np.testing.assert_allclose(mode_products(t3, [m0, m1, m2]).numpy(), ref, rtol=0, atol=1e-12)
     with pytest.raises(ValueError):
         mode_products(t, [m0])
-    with pytest.raises(ValueError):
-        shampoo_precondition(t, [None])
-    with pytest.raises(ValueError):
-        shampoo_precondition(t, [None, None], exponent=[-0.25])
     s = torch.tensor(2.0, dtype=D)
-    torch.testing.assert_close(shampoo_precondition(s, []), s)
+    torch.testing.assert_close(mode_products(s, []), s)
 
 
 # --------------------------------------------------------------------------- blocking
@@ -320,7 +347,7 @@ def test_kl_clipped_step_has_fisher_norm_c(lr, c, active):
     lam, blocks, vg = 0.01, [], 0.0
     for k, (dout, din) in enumerate([(3, 4), (2, 3)]):
         A, G, g = psd(din, 70 + k), psd(dout, 80 + k), rand(dout, din, seed=90 + k)
-        v = kron_precondition_exact(g, robust_eigh(A), robust_eigh(G), lam)
+        v = exact(g, robust_eigh(A), robust_eigh(G), lam)
         vg += float((v * g).sum())  # the quantity kl_clip_scale takes
         blocks.append((A, G, g, v))
     nu = kl_clip_scale(vg, lr, c)

@@ -8,7 +8,6 @@ import torch
 from scipy.optimize import BFGS, SR1
 
 from precond.linalg.quasi_newton import (
-    LBFGSHistory,
     bfgs_direct_update,
     bfgs_inverse_update,
     dfp_direct_update,
@@ -314,35 +313,6 @@ def test_two_loop_equals_dense_bfgs():
     torch.testing.assert_close(two_loop(g, [], []), -g)
     with pytest.raises(ValueError):
         two_loop(g, S, Y[:-1])
-
-
-def test_lbfgs_history_fifo_and_curvature_skip():
-    hist = LBFGSHistory(memory=3)
-    ps = pairs(5, 27)
-    assert torch.equal(hist.direction(ps[0][0]), -ps[0][0])
-    for s, y in ps:
-        assert hist.push(s, y)
-    assert len(hist) == 3
-    assert all(a is b for a, b in zip(hist.s, [p[0] for p in ps[2:]]))
-    s_bad = rand(N, seed=28)
-    y_bad = -s_bad  # yᵀs < 0
-    assert not hist.push(s_bad, y_bad)
-    tiny = 1e-6 * rand(N, seed=29)
-    assert not hist.push(tiny, tiny * 1e-5)  # yᵀs = 1e-17 ≤ 1e-10
-    assert len(hist) == 3 and hist.s[-1] is ps[-1][0]
-    g = rand(N, seed=30)
-    s_last, y_last = ps[-1]
-    assert float(hist.h_diag) == pytest.approx(float(s_last @ y_last) / float(y_last @ y_last), rel=1e-15)
-    np.testing.assert_allclose(
-        hist.direction(g).numpy(), dense_bfgs_direction(g, ps[2:], float(hist.h_diag)), rtol=0, atol=1e-12
-    )
-    other = LBFGSHistory()
-    other.load_state_dict(hist.state_dict())
-    torch.testing.assert_close(other.direction(g), hist.direction(g), rtol=0, atol=0)
-    hist.clear()
-    assert len(hist) == 0 and hist.h_diag == 1.0
-    with pytest.raises(ValueError):
-        LBFGSHistory(memory=0)
 
 
 # --------------------------------------------------------------------------- K-BFGS damping

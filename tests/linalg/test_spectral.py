@@ -1,4 +1,4 @@
-"""robust_eigh, spectral functions, inverse roots and the decomposition cache."""
+"""robust_eigh (one matrix and many), spectral functions, inverse roots and keep-last-good bookkeeping."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from precond.linalg.spectral import (
     EighFailureError,
     EighResult,
     SpectralCache,
+    eigh_many,
+    floor_eigenvalues,
     inverse_root,
     matrix_function,
     matrix_power,
@@ -200,42 +202,71 @@ def test_inverse_root_errors():
 # --------------------------------------------------------------------------- cache
 
 
-def test_spectral_cache_keeps_previous_and_raises_after_limit():
-    cache = SpectralCache(max_failures=3)
+def test_eigh_many_batches_by_size_and_fails_one_matrix_alone():
+    a, b, c = spd(4, 20), spd(3, 21), spd(4, 22)
+    bad = spd(4, 23)
+    bad[1, 2] = float("nan")
+    out = eigh_many([a, b, bad, c])
+    assert out[2] is None  # its batch failed, then it failed alone
+    for m, res in zip([a, b, c], [out[0], out[1], out[3]]):
+        vals, vecs, _ = res
+        torch.testing.assert_close((vecs * vals) @ vecs.T, m, rtol=0, atol=1e-12)
+        torch.testing.assert_close(vals, torch.linalg.eigvalsh(m), rtol=0, atol=1e-12)
+    low = eigh_many([a.float(), b.float()], float64=True)  # decomposed in float64, returned in float32
+    assert all(r.eigenvalues.dtype == torch.float32 for r in low)
+    torch.testing.assert_close(low[0].eigenvalues.double(), out[0].eigenvalues, rtol=0, atol=1e-6)  # float32 input
+    assert eigh_many([]) == []
+
+
+def test_floor_eigenvalues_raises_round_off_to_eps_times_the_largest():
+    lam = torch.tensor([-1e-17, 0.0, 1e-20, 0.5, 2.0], dtype=D)
+    floor = 2.0 * torch.finfo(D).eps
+    torch.testing.assert_close(floor_eigenvalues(lam), torch.tensor([floor, floor, floor, 0.5, 2.0], dtype=D), rtol=0, atol=0)
+    assert torch.equal(floor_eigenvalues(torch.zeros(3)), torch.zeros(3))  # nothing to scale by
+
+
+def _refresh(cache: SpectralCache, state: dict, mat: torch.Tensor, step: int) -> bool:
+    res = robust_eigh(mat)
+    return cache.refresh(state, None if res is None else {"vals": res.eigenvalues, "vecs": res.eigenvectors}, step)
+
+
+def test_spectral_cache_keeps_previous_and_reports_after_limit():
+    cache = SpectralCache(failures="f", total="t", refreshed="at", max_failures=3)
+    state: dict = {}
     good = spd(4, 13)
     bad = good.clone()
     bad[0, 1] = float("nan")
 
-    assert cache.refresh(bad) is None  # never succeeded: nothing to keep
-    assert (cache.consecutive_failures, cache.total_failures) == (1, 1)
-    first = cache.refresh(good)
-    assert first is not None and cache.consecutive_failures == 0 and cache.total_failures == 1
+    assert not _refresh(cache, state, bad, 1) and "vals" not in state  # never succeeded: nothing to keep
+    assert (state["f"], state["t"]) == (1, 1)
+    assert not _refresh(cache, state, good, 2)
+    first = state["vals"], state["vecs"]
+    torch.testing.assert_close((first[1] * first[0]) @ first[1].T, good, rtol=0, atol=1e-12)
+    assert (state["f"], state["t"], state["at"]) == (0, 1, 2)
 
-    kept = cache.refresh(bad)
-    assert kept is first and cache.result is first
-    assert (cache.consecutive_failures, cache.total_failures) == (1, 2)
-    assert cache.refresh(bad) is first
-    with pytest.raises(EighFailureError, match=r"consecutive_failures=3.*max_failures=3"):
-        cache.refresh(bad)
-    assert cache.total_failures == 4 and cache.result is first
+    assert not _refresh(cache, state, bad, 3)
+    assert state["vals"] is first[0] and state["at"] == 2  # the last good result stays
+    assert (state["f"], state["t"]) == (1, 2)
+    assert not _refresh(cache, state, bad, 4)
+    assert _refresh(cache, state, bad, 5)  # the third in a row: the caller raises
+    with pytest.raises(EighFailureError, match=r"factor 0 failed 3 times in a row \(max_failures=3\): raise the damping"):
+        raise cache.error("factor 0", "raise the damping")
+    assert state["t"] == 4 and state["vals"] is first[0]
 
     # A success resets the consecutive counter, not the total.
-    second = cache.refresh(2 * good)
-    torch.testing.assert_close(second.eigenvalues, 2 * first.eigenvalues)
-    assert (cache.consecutive_failures, cache.total_failures) == (0, 4)
+    assert not _refresh(cache, state, 2 * good, 6)
+    torch.testing.assert_close(state["vals"], 2 * first[0])
+    assert (state["f"], state["t"], state["at"]) == (0, 4, 6)
 
 
-def test_spectral_cache_unlimited_and_state_dict():
+def test_spectral_cache_unlimited():
     cache = SpectralCache(max_failures=None)
+    state: dict = {}
     bad = torch.full((3, 3), float("nan"), dtype=D)
-    for _ in range(10):
-        cache.refresh(bad)
-    assert cache.consecutive_failures == 10
-    cache.refresh(spd(3, 14))
-    other = SpectralCache()
-    other.load_state_dict(cache.state_dict())
-    assert other.total_failures == 10 and other.consecutive_failures == 0
-    torch.testing.assert_close(other.result.eigenvectors, cache.result.eigenvectors)
+    assert not any(_refresh(cache, state, bad, i) for i in range(10))
+    assert state["failures"] == 10 and state["failures_total"] == 10
+    _refresh(cache, state, spd(3, 14), 11)
+    assert state["failures"] == 0 and state["failures_total"] == 10
 
 
 def test_module_calls_eigh_through_torch_linalg():
