@@ -46,9 +46,15 @@ def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
         groups[rule.name] = []
     infos = param_info(model)
     for p, info in infos.items():
-        groups[rule_of(recipe, info.name, info.module)].append(p)
+        groups[rule_of(recipe, info.name, info.module, info.role)].append(p)
     for message in rule_warnings(model, recipe, infos):
         warnings.warn(message, RecipeWarning, stacklevel=_outside_precond())
+    if infos and not groups[DEFAULT_RULE] and recipe.structure is not None:
+        taken = sorted({r for r, ps in groups.items() if ps})
+        warnings.warn(
+            f"recipe '{recipe.name}': its own {recipe.structure.name} structure serves none of the model's parameters; "
+            f"they all follow rule(s) {', '.join(taken)}", RecipeWarning, stacklevel=_outside_precond(),
+        )
     out = []
     for rule in [None, *recipe.rules]:
         name = DEFAULT_RULE if rule is None else rule.name
@@ -58,11 +64,16 @@ def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     return out
 
 
-def rule_of(recipe: Recipe, name: str, module: nn.Module) -> str:
+def rule_of(recipe: Recipe, name: str, module: nn.Module, role: str = "weight") -> str:
+    """The rule that takes a parameter (its name, owning module and name there): the first that matches it."""
     for rule in recipe.rules:
-        if rule.match.matches(name, module):
+        if rule.match.matches(name, module) or (rule.match.unserved and _unserved(recipe, module, role)):
             return rule.name
     return DEFAULT_RULE
+
+
+def _unserved(recipe: Recipe, module: nn.Module, role: str) -> bool:
+    return recipe.structure is not None and recipe.structure.cannot_serve(module, role) is not None
 
 
 def rule_warnings(model: nn.Module, recipe: Recipe, infos: Mapping[torch.Tensor, Any] | None = None) -> list[str]:
@@ -76,7 +87,7 @@ def rule_warnings(model: nn.Module, recipe: Recipe, infos: Mapping[torch.Tensor,
     owner: dict[int, str] = {}  # parameter index -> the rule that takes it
     for j, info in enumerate(params):
         for rule in rules:
-            if rule.match.matches(info.name, info.module):
+            if rule.match.matches(info.name, info.module) or (rule.match.unserved and _unserved(recipe, info.module, info.role)):
                 owner[j] = rule.name
                 break
     model_classes = sorted({type(m).__name__ for m in model.modules()})
@@ -171,6 +182,7 @@ def build(
     seed: int = 0,
     set: Mapping[str, Any] | None = None,  # noqa: A002
     distributed: str | None = None,
+    grad_scaler: Any = None,
     **hyper: Any,
 ) -> Optimizer:
     """Assemble an optimizer from a recipe.
@@ -178,19 +190,34 @@ def build(
     ``recipe``: a built-in name (``"adam"``), a path to a YAML file, a dict or
     a :class:`Recipe`. ``model``: an ``nn.Module`` (needed by blocks that use
     layer hooks or a functional call), or parameters / param groups as for
-    torch.optim. Keyword overrides set top-level hyperparameters (``lr=0.01``);
+    torch.optim. Keyword overrides set top-level hyperparameters (``lr=0.01``; ``lr`` scales the rules'
+    learning rates by the same factor, so kfac's Adam fallback keeps its tenth of K-FAC's);
     ``set={"structure.beta": 0.99}`` sets block fields by dotted path.
     ``likelihood`` (``"categorical"`` or ``"gaussian"``) tells curvature blocks
     what distribution the model predicts. ``seed`` seeds the optimizer's own
     random generator (probes, sampled labels); give every process the same seed.
     ``distributed`` (``"replicated"`` or ``"sharded"``) overrides the recipe's
-    ``distributed.mode`` (see docs/distributed.md).
+    ``distributed.mode`` (see docs/distributed.md). ``grad_scaler``: the ``torch.amp.GradScaler`` of a loop
+    that calls ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (to clip), so that statistics the hooks took
+    from the scaled backward pass are unscaled too (docs/loops.md).
     """
     if distributed is not None:
         set = {**(set or {}), "distributed.mode": distributed}  # noqa: A001
+    if "lr" in hyper:
+        set = {**_rule_lrs(recipe, float(hyper["lr"]), set or {}), **(set or {})}  # noqa: A001
     resolved = resolve(recipe, hyper=hyper, set=set)
     params, module = _params(model, resolved)
-    return Optimizer(params, resolved, model=module, likelihood=likelihood, seed=seed)
+    return Optimizer(params, resolved, model=module, likelihood=likelihood, seed=seed, grad_scaler=grad_scaler)
+
+
+def _rule_lrs(recipe: Any, lr: float, set: Mapping[str, Any]) -> dict[str, float]:  # noqa: A002
+    """``lr=`` given to :func:`build` scales every rule's learning rate by the factor it scales the recipe's
+    (kfac: 1e-2 with its Adam fallback at 1e-3; ``lr=2e-2`` gives the fallback 2e-3), so that one number tunes
+    the whole optimizer as one torch.optim learning rate would. A rule's lr given by ``set=`` wins."""
+    base = resolve(recipe, set={k: v for k, v in set.items() if not k.endswith(".lr") and k != "lr"})
+    if not base.rules or base.lr == 0:
+        return {}
+    return {f"rules.{rule.name}.recipe.lr": rule.recipe.lr * (lr / base.lr) for rule in base.rules}
 
 
 def compose(

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Typ
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from precond.errors import PipelineError
+
 from precond.interfaces import (  # noqa: F401  (re-exported: blocks import them from here)
     Direction,
     Environment,
@@ -113,6 +115,13 @@ class Stage:
 
     def after_step(self) -> None:
         """Called at the end of every step."""
+
+    def added(self, params: list[torch.Tensor]) -> None:
+        """Parameters joined the optimizer after it was built (``add_param_group``, this stage's rule)."""
+
+    def from_outputs(self, ctx: GroupStep, curvature: Any) -> None:
+        """A structure's stage: as :meth:`Structure.from_outputs` (by default this step's estimates, recorded)."""
+        self.estimates(ctx, curvature)  # type: ignore[attr-defined]  # structures' stages have estimates
 
 
 class Interval(BaseModel):
@@ -254,6 +263,19 @@ class Curvature(Block, Interval):
         """What this block needs on ``step``: nothing on steps it does not refresh."""
         return self.needs() if self.due(step) else Needs()
 
+    # --- micro-batches: estimates taken during the user's backward passes (CurvatureRecord) -------------
+
+    def micro_batch(self, what: str, ctx: GroupStep) -> Any:
+        """What one micro-batch (one forward pass, ``ctx.evaluation``) contributes to the ``what`` estimate
+        (``"diagonal"``, ``"full"``): by default the estimate of that micro-batch."""
+        return getattr(self, what)(ctx)
+
+    def combine(self, what: str, parts: list[tuple[int, Any]]) -> Any:
+        """The estimate of a step from its micro-batches' contributions ``(samples, part)``. The default is
+        right for estimates that are batch means (each part's mean, weighted by its share of the samples);
+        an estimate nonlinear in the batch (a square of the batch gradient) combines its linear parts itself."""
+        return parts[0][1] if len(parts) == 1 else _weighted(parts)
+
     def reduce_estimates(self, fill: str) -> bool:
         """Under torch.distributed: whether the fresh estimates this block makes for a structure that asks
         for ``fill`` (:attr:`Structure.fill`) are means over this process's batch, which the pipeline
@@ -310,6 +332,19 @@ class Structure(Block):
 
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
         raise NotImplementedError
+
+    def from_outputs(self, ctx: GroupStep, curvature: Any) -> None:
+        """While a backward pass the user runs passes the model's outputs (plain loop, torch-style closure):
+        take from their graph what this step's estimates need. ``ctx.evaluation`` holds the outputs of one
+        forward pass and ``∂loss/∂outputs``, ``ctx.grads`` nothing yet; ``curvature`` is a
+        :class:`CurvatureRecord`. The default computes the estimates now, through the record, which replays
+        them (micro-batches weighted by their samples) when the step runs."""
+        self.estimates(ctx, curvature)
+
+    def cannot_serve(self, module: Any, role: str) -> str | None:
+        """Why this structure cannot precondition a parameter (its owning module and its name there), or None.
+        A rule with ``match: {unserved: true}`` takes every parameter for which this says why."""
+        return None
 
     def supports(self, transform: Transform) -> bool:
         """Whether ``transform`` knows how to act on this structure (a method named after ``form``)."""
@@ -398,6 +433,75 @@ class Decay(Block):
         (line searches and Levenberg–Marquardt compare losses of that objective), or ``None`` when it
         moves the parameters outside the objective."""
         return 0.0 if not weight_decay else None
+
+
+class CurvatureRecord:
+    """A curvature block whose graph work ran during backward passes the user ran, replayed when the step runs.
+
+    In the plain loop and with a torch-style closure the outputs' graph is gone by the time ``opt.step()``
+    runs, so a structure takes what it needs while a backward passes the outputs
+    (:meth:`Structure.from_outputs`). Through this record what the curvature's ``diagonal(ctx)`` and
+    ``full(ctx)`` need of each micro-batch (:meth:`Curvature.micro_batch`, with its sample count from
+    :meth:`begin`) is kept and, on the step, combined (:meth:`Curvature.combine`: the one result of a single
+    forward pass as it is, the sample-weighted mean of batch-mean estimates). Everything else is the
+    curvature's own.
+    """
+
+    def __init__(self, curvature: Curvature) -> None:
+        self.curvature = curvature
+        self.parts: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
+        self.samples: list[int] = []
+        self.recording = False  # True during a backward pass (between begin and end), False when the step replays
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.curvature, name)
+
+    def begin(self, samples: int) -> None:
+        """A new micro-batch of ``samples`` samples: record until :meth:`end`."""
+        self.samples.append(samples)
+        self.recording = True
+
+    def end(self) -> None:
+        self.recording = False
+
+    def clear(self) -> None:
+        self.parts, self.samples = {}, []
+
+    def _call(self, what: str, ctx: GroupStep) -> Any:
+        key = (what, tuple(map(id, ctx.params)))
+        if self.recording:
+            parts = self.parts.setdefault(key, [])
+            if len(parts) < len(self.samples):
+                parts.append((self.samples[-1], self.curvature.micro_batch(what, ctx)))
+            return self.curvature.combine(what, parts[-1:])  # this micro-batch's estimate, for whoever asks now
+        parts = self.parts.get(key)
+        if not parts:
+            raise PipelineError(
+                f"curvature '{self.curvature.name}' takes its statistics from the model's outputs while a backward "
+                "pass reaches them, and none did since the last step: call the model given to precond.build (or "
+                "its DistributedDataParallel wrapper) in the forward pass, and backpropagate a loss of its outputs"
+            )
+        return self.curvature.combine(what, parts)
+
+    def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
+        return self._call("diagonal", ctx)
+
+    def full(self, ctx: GroupStep) -> torch.Tensor:
+        return self._call("full", ctx)
+
+
+def _weighted(parts: list[tuple[int, Any]]) -> Any:
+    """The sample-weighted mean of batch-mean estimates (a matrix, or a :class:`DiagonalEstimate`)."""
+    total = float(sum(m for m, _ in parts))
+    first = parts[0][1]
+    if isinstance(first, DiagonalEstimate):
+        values = None
+        for m, est in parts:
+            own = est.values if est.values is not None else [r * r for r in est.roots or []]
+            scaled = [v * (m / total * est.scale) for v in own]
+            values = scaled if values is None else [a + b for a, b in zip(values, scaled)]
+        return DiagonalEstimate(values=values)
+    return sum(est * (m / total) for m, est in parts)
 
 
 KIND_BASES: dict[str, type[Block]] = {

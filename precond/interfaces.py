@@ -40,6 +40,7 @@ class Needs:
     closure: bool = False  # a closure it can call again (line searches, extra passes)
     model: bool = False  # a functional call of the model (torch.func)
     likelihood: bool = False  # the distribution the model predicts (precond.build(..., likelihood=...))
+    graph_at_step: bool = False  # curvature products while the step runs (a CG solve): with ``outputs``, their graph then
 
     def __or__(self, other: Needs) -> Needs:
         return _union(self, other)
@@ -52,13 +53,14 @@ class Needs:
             "hooks": "layer hooks",
             "closure": "a closure to re-evaluate",
             "model": "the model (nn.Module)",
+            "graph_at_step": "the outputs' graph during the step",
         }
         return [labels[f.name] for f in fields(self) if getattr(self, f.name) and f.name in labels]
 
     def need_closure(self) -> bool:
-        """Whether the plain ``loss.backward(); opt.step()`` idiom is not enough (layer hooks must be
-        armed before the forward pass, so they need the closure too)."""
-        return self.outputs or self.create_graph or self.closure or self.hooks
+        """Whether the plain ``loss.backward(); opt.step()`` loop cannot serve: a closure to call again, or the
+        outputs' graph while the step runs (everything else precond takes from the passes the user ran)."""
+        return self.closure or (self.graph_at_step and self.outputs)
 
 
 @lru_cache(maxsize=64)
@@ -169,6 +171,7 @@ class Environment:
     generator: torch.Generator = field(default_factory=torch.Generator)
     state_of: Callable[[torch.Tensor], dict[str, Any]] = _no_state
     index: Callable[[torch.Tensor], int] = _no_index
+    tap: Any = None  # the model's output tap (precond.evaluation.OutputTap): its forward passes' samples
 
 
 @dataclass

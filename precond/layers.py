@@ -32,6 +32,8 @@ output gradients of the main backward pass with tensor hooks.
 
 from __future__ import annotations
 
+import math
+
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from precond.errors import PipelineError
+from precond.evaluation import in_inner_backward, inner_backward
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
@@ -50,6 +53,8 @@ def supported(module: nn.Module) -> str | None:
     """``None`` if K-FAC can handle ``module``, else the reason it cannot."""
     if not isinstance(module, SUPPORTED):
         return f"{type(module).__name__} is not a Linear or Conv2d layer"
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "MultiheadAttention's output projection: its weights are used without calling the layer"
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"Conv2d with groups={module.groups} (grouped or depthwise convolutions) is not supported"
     return None
@@ -140,6 +145,14 @@ def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
+def layer_problem(module: nn.Module, role: str) -> str | None:
+    """Why a parameter (its owning module and its ``role`` there) has no Kronecker layer factors, or None."""
+    reason = supported(module)
+    if reason is None and role not in ("weight", "bias"):
+        reason = f"'{role}' is neither the weight nor the bias of its {type(module).__name__}"
+    return reason
+
+
 def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> dict[Tensor, Layer]:
     """Map each parameter to its layer; a parameter K-FAC cannot cover fails with a message suggesting a rule.
 
@@ -153,9 +166,7 @@ def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> 
         if meta is None:
             problems.append(("<unnamed parameter>", "unknown", "it is not a parameter of the model"))
             continue
-        reason = supported(meta.module)
-        if reason is None and meta.role not in ("weight", "bias"):
-            reason = f"'{meta.role}' is neither the weight nor the bias of its {type(meta.module).__name__}"
+        reason = layer_problem(meta.module, meta.role)
         if reason is not None:
             problems.append((meta.name, type(meta.module).__name__, reason))
             continue
@@ -170,7 +181,8 @@ def find_layers(params: Iterable[Tensor], info: dict[Tensor, Any], who: str) -> 
                                             f"names: [{', '.join(repr(n) for n in names[:4])}{', ...' if len(names) > 4 else ''}]" if names else "") if part)
         lines = "; ".join(f"'{n}' ({reason})" for n, _, reason in problems[:8])
         more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
-        hint = f"route them to another recipe with a rule, e.g. rules: [{{name: fallback, match: {{{match}}}, recipe: adam}}]"
+        hint = (f"route them to another recipe with a rule, e.g. rules: [{{name: fallback, match: {{{match}}}, recipe: adam}}], "
+                "or every parameter it cannot serve with match: {unserved: true}")
         raise PipelineError(f"{who} has Kronecker factors only for Linear and Conv2d layers; it cannot cover {lines}{more}: {hint}")
     # built once every role is known: a Layer's sizes depend on whether it has a bias
     layers = {m: Layer(meta.module_name, meta.module, r.get("weight"), r.get("bias")) for m, (meta, r) in roles.items()}
@@ -199,6 +211,9 @@ class Record:
     outputs: list[Tensor] = field(default_factory=list)  # layer outputs with their graph
     versions: list[int] = field(default_factory=list)  # output version counters at record time
     grads: list[Tensor | None] = field(default_factory=list)  # ∂L/∂output of the main backward (if captured)
+    # filled from the model's outputs during a backward pass the user ran (fill_output_grads): per call,
+    # (K, *output.shape) output gradients and the index of its forward pass in Recorder.passes
+    filled: list[tuple[Tensor, int] | None] = field(default_factory=list)
 
 
 class Recorder:
@@ -215,9 +230,17 @@ class Recorder:
         self.capture_grads = capture_grads
         self.armed = False
         self.records: dict[Layer, Record] = {}
+        self.passes: list[tuple[int, float]] = []  # (samples, weight) of each forward pass filled from the outputs
         self.handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
         if owner is not None:
-            weakref.finalize(owner, _remove_handles, list(self.handles))
+            weakref.finalize(owner, _remove_handles, self.handles)  # the list: layers added later go too
+
+    def add(self, layers: Iterable[Layer]) -> None:
+        """Hooks on more layers (parameters added to the optimizer after it was built)."""
+        for layer in dict.fromkeys(layers):
+            if layer not in self.layers:
+                self.layers.append(layer)
+                self.handles.append(layer.module.register_forward_hook(self._hook(layer)))
 
     def _hook(self, layer: Layer) -> Any:
         recorder = weakref.ref(self)
@@ -235,11 +258,12 @@ class Recorder:
             rec.outputs.append(output)
             rec.versions.append(output._version)
             rec.grads.append(None)
+            rec.filled.append(None)
             if self_.capture_grads:
                 index = len(rec.grads) - 1
 
                 def capture(grad: Tensor) -> None:
-                    if rec.grads[index] is None:
+                    if rec.grads[index] is None and not in_inner_backward():  # not precond's own inside another
                         rec.grads[index] = grad.detach()
 
                 output.register_hook(capture)
@@ -248,16 +272,18 @@ class Recorder:
 
     def arm(self) -> None:
         self.records = {}
+        self.passes = []
         self.armed = True
 
     def disarm(self) -> None:
         """Stop recording and drop everything recorded (the graph goes with it)."""
         self.armed = False
         self.records = {}
+        self.passes = []
 
     def remove(self) -> None:
         _remove_handles(self.handles)
-        self.handles = []
+        self.handles.clear()
 
     def check_intact(self, layer: Layer) -> None:
         rec = self.records.get(layer)
@@ -276,6 +302,59 @@ def _remove_handles(handles: list[Any]) -> None:
         h.remove()
 
 
+def fill_output_grads(
+    recorder: Recorder, outputs: Tensor, cotangents: Tensor, samples: int, weight: float, chunk: int = 16
+) -> None:
+    """During a backward pass the user runs, while it passes ``outputs``: backpropagate ``cotangents``
+    ``(K, *outputs.shape)`` to the layer outputs recorded since the last fill (this forward pass's), and keep
+    them per call with the forward pass's ``samples`` and ``weight`` (as :func:`output_grads_by_backprop`
+    with its ``w``), for :func:`filled_output_grads` when the step runs."""
+    from precond.autodiff import batched_vjp
+
+    targets: list[tuple[Record, int]] = []
+    for layer, rec in recorder.records.items():
+        recorder.check_intact(layer)
+        targets.extend((rec, i) for i, f in enumerate(rec.filled) if f is None)
+    if not targets:
+        return
+    scale = 1.0
+    if outputs.dtype == torch.float16:  # keep the backward in float16's range: a power of 2, undone exactly below
+        top = float(cotangents.abs().amax())
+        scale = 2.0 ** round(math.log2(2.0**15 / top)) if top > 0 else 1.0
+    with inner_backward():
+        grads = batched_vjp(
+            outputs, [rec.outputs[i] for rec, i in targets], lambda a, b: cotangents[a:b] * scale,
+            cotangents.shape[0], chunk,
+        )
+    recorder.passes.append((samples, weight))
+    j = len(recorder.passes) - 1
+    for (rec, i), g in zip(targets, grads):
+        rec.filled[i] = ((g.float() / scale).to(g.dtype) if scale != 1.0 else g, j)
+
+
+def filled_output_grads(recorder: Recorder) -> KroneckerEstimate | None:
+    """The output gradients :func:`fill_output_grads` kept, as one batch; ``None`` if some recorded call has none.
+
+    With one forward pass the gradients and the weight are as they were computed; with several (gradient
+    accumulation over micro-batches of ``m_j`` samples, ``M`` in all) each call's gradients are rescaled by
+    ``m_j / M`` and the weight per sample kept, so that ``G`` is the whole batch's."""
+    calls = [f for rec in recorder.records.values() for f in rec.filled]
+    if not calls or any(f is None for f in calls):
+        return None
+    passes = recorder.passes
+    total = sum(m for m, _ in passes)
+    out: dict[Layer, list[Tensor]] = {}
+    for layer, rec in recorder.records.items():
+        grads = []
+        for f in rec.filled:
+            assert f is not None  # checked above
+            g, j = f
+            grads.append(g if len(passes) == 1 else g * (passes[j][0] / total))
+        out[layer] = grads
+    m0, w0 = passes[0]
+    return KroneckerEstimate(out, weight=w0 if len(passes) == 1 else w0 / m0 * total)
+
+
 def output_grads_by_backprop(recorder: Recorder, outputs: Tensor, cotangents: Tensor, chunk: int = 16) -> dict[Layer, list[Tensor]]:
     """Backpropagate ``cotangents`` ``(K, *outputs.shape)`` from the model outputs to every recorded layer output.
 
@@ -292,7 +371,8 @@ def output_grads_by_backprop(recorder: Recorder, outputs: Tensor, cotangents: Te
     if not targets:
         return {}
     k = cotangents.shape[0]
-    grads = batched_vjp(outputs, [t for _, t in targets], lambda a, b: cotangents[a:b], k, chunk)
+    with inner_backward():
+        grads = batched_vjp(outputs, [t for _, t in targets], lambda a, b: cotangents[a:b], k, chunk)
     out: dict[Layer, list[Tensor]] = {}
     for (layer, _), g in zip(targets, grads):
         out.setdefault(layer, []).append(g)

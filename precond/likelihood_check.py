@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 
 from precond.errors import LikelihoodMismatchWarning
+from precond.evaluation import in_inner_backward
 
 __all__ = ["LikelihoodMismatchWarning", "OutputGradient", "mismatch", "warn_if_mismatch"]
 
@@ -188,7 +189,7 @@ class OutputGradient:
         return result
 
     def _capture(self, grad: torch.Tensor) -> None:
-        if self.outputs is not None and self.grad is None:
+        if self.outputs is not None and self.grad is None and not in_inner_backward():
             self.grad = grad.detach().clone()
 
     def close(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -20,10 +20,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from precond.block import Direction, Estimate, GroupStep, Needs, PipelineBlocks, Served, Step
+from precond.block import CurvatureRecord, Direction, Estimate, GroupStep, Needs, PipelineBlocks, Served, Step
+from precond.conventions import recipe_needs
 from precond.distributed import Comm
 from precond.errors import CheckpointError, PipelineError
-from precond.evaluation import Evaluation, evaluate
+from precond.evaluation import CLOSURE, PLAIN, Evaluation, OutputTap, evaluate, math_attention_in_forward
 from precond.guard import Guard
 from precond.interfaces import Environment, ParamInfo, param_info  # noqa: F401  (ParamInfo, param_info: re-exported)
 from precond.likelihood import get_likelihood
@@ -67,6 +68,14 @@ class Pipeline:
         self.momentum = stage(config.momentum)
         self.decay = stage(config.decay)
         self.pre = config.momentum is not None and config.momentum.position == "pre"
+        # a curvature that needs the outputs' graph works while the user's backward passes the outputs (plain
+        # loop, torch-style closure); the structure reads it back through this record when the step runs
+        needs_graph = config.curvature is not None and config.curvature.needs().outputs
+        self.record = CurvatureRecord(self.curvature) if needs_graph else None
+
+    def curvature_for(self, ev: Evaluation) -> Any:
+        """The curvature the structure reads on this step: the record of the user's backward passes, or the block."""
+        return self.record if self.record is not None and ev.convention != CLOSURE else self.curvature
 
     def stages(self) -> list[Any]:
         return [b for b in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay) if b is not None]
@@ -134,6 +143,7 @@ class Optimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         likelihood: str | None = None,
         seed: int = 0,
+        grad_scaler: Any = None,
     ) -> None:
         try:
             self.likelihood = None if likelihood is None else get_likelihood(likelihood)
@@ -150,15 +160,14 @@ class Optimizer(torch.optim.Optimizer):
         if unknown:
             raise PipelineError(f"param groups name rules {sorted(unknown)} that the recipe does not define")
         self.param_info = param_info(model) if model is not None else {}
-        self.needs = recipe.step.needs()
-        for config in configs.values():
-            for block in config.blocks():
-                self.needs = self.needs | block.needs()
+        self.needs = recipe_needs(recipe)
         if (self.needs.hooks or self.needs.model) and model is None:
             raise PipelineError(
                 f"recipe '{recipe.name}' needs {' and '.join(self.needs.names())}: pass the nn.Module to "
                 "precond.build(recipe, model), not its parameters"
             )
+        if model is not None:
+            _refuse_compiled(model, recipe.name, self.needs)
         self.comm = Comm(recipe.distributed.mode)
         self._refuse_distributed_problems(configs)
         self._ranks_checked = False
@@ -168,9 +177,14 @@ class Optimizer(torch.optim.Optimizer):
         self.generator = torch.Generator(device=device).manual_seed(seed)  # probes and labels drawn where they are used
         self.global_step = 0
         self.guard = Guard(recipe.on_nonfinite, recipe.max_nonfinite)
+        tapped = model is not None and (self.needs.outputs or self.needs.hooks)
+        self.tap = OutputTap(model, self._from_outputs, owner=self) if tapped else None  # type: ignore[arg-type]  # model: checked
+        self.grad_scaler = grad_scaler
+        if model is not None and self.needs.create_graph:  # the user's forward passes, differentiated twice
+            math_attention_in_forward(model, owner=self)
         self.env = Environment(
             recipe=recipe.name, info=self.param_info, comm=self.comm, model=model, likelihood=self.likelihood,
-            generator=self.generator, state_of=self._state_of, index=self.index_of,
+            generator=self.generator, state_of=self._state_of, index=self.index_of, tap=self.tap,
         )
         groups = tuple(self.param_groups)
         self.pipelines = {
@@ -181,6 +195,88 @@ class Optimizer(torch.optim.Optimizer):
         self._stages = [self.step_control] + [s for pipe in self.pipelines.values() for s in pipe.stages()]
         self._refuse_missing_likelihood()  # after the blocks' own checks (which pairs of blocks work at all)
         self._likelihood_checked = self.likelihood is None  # the first step compares the loss with it
+        self._prepare(1)  # a plain loop's first forward pass comes before any step
+
+    def _prepare(self, step: int) -> None:
+        """Ready for the forward pass(es) of ``step``: hooks armed where due, nothing left from earlier passes."""
+        for stage in self._stages:
+            stage.before_closure(step)
+        if self.tap is not None:
+            self.tap.reset()
+            self.tap.listening = True  # the user's passes until the next step
+        for pipe in self.pipelines.values():
+            if pipe.record is not None:
+                pipe.record.clear()
+
+    def _from_outputs(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
+        """A backward pass the user runs reached the model's outputs (plain loop, torch-style closure): the
+        structures whose curvature needs the outputs' graph take what they need now (:class:`OutputTap`)."""
+        step = self.global_step + 1
+        pipes = [p for p in self.pipelines.values() if p.record is not None and p.curvature.due(step)]
+        if not pipes:
+            return
+        if self.comm.active:
+            raise PipelineError(
+                f"recipe '{self.recipe.name}' draws its curvature from the model's outputs; on several processes that "
+                "runs with a forward-only closure for now: opt.step(closure) returning (loss, outputs) (docs/loops.md)"
+            )
+        ev = Evaluation(outputs=outputs, output_grad=grad, params=self._trainable(), env=self.env, convention=PLAIN)
+        scopes: dict[int, list[torch.Tensor]] = {}
+        work = []
+        for group in self.param_groups:
+            pipe = self.pipelines[group["rule"]]
+            params = [p for p in group["params"] if p.requires_grad]
+            if pipe not in pipes or not params:
+                continue
+            states = [self.state[p] for p in params]
+            steps = [s.get("step", 0) + 1 for s in states]
+            ctx = GroupStep(group, params, [], states, steps, step, ev, self.env)  # no gradient yet: grads empty
+            ctx.scope = scopes.setdefault(id(pipe.curvature), [])
+            ctx.scope.extend(params)
+            work.append((ctx, pipe))
+        samples = outputs.numel() // outputs.shape[-1]
+        for pipe in dict.fromkeys(p for _, p in work):
+            pipe.record.begin(samples)  # type: ignore[union-attr]  # the pipes with a record
+        try:
+            with torch.no_grad():
+                for ctx, pipe in work:
+                    pipe.structure.from_outputs(ctx, pipe.record)
+        finally:
+            for pipe in dict.fromkeys(p for _, p in work):
+                pipe.record.end()  # type: ignore[union-attr]  # the pipes with a record
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch.optim's, with the recipe's rules: parameters go to the rule that matches them (modules added to
+        the model since ``build`` are looked up), or to ``param_group["rule"]`` when given; each rule's
+        hyperparameters fill what the group does not set."""
+        if "pipelines" not in self.__dict__:  # torch's __init__ adding the first groups
+            super().add_param_group(param_group)
+            return
+        from precond.api import rule_of  # (api builds optimizers)
+
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if self.model is not None:
+            self.param_info.update(param_info(self.model))  # env.info is this dict: blocks see the new names too
+        if "rule" in param_group:
+            if param_group["rule"] not in self.pipelines:
+                raise PipelineError(f"param group names rule {param_group['rule']!r}; the recipe's rules: {sorted(self.pipelines)}")
+            parts = {param_group["rule"]: params}
+        else:
+            parts = {}
+            for p in params:
+                info = self.param_info.get(p)
+                rule = DEFAULT_RULE if info is None else rule_of(self.recipe, info.name, info.module, info.role)
+                parts.setdefault(rule, []).append(p)
+        subs = {DEFAULT_RULE: self.recipe, **{r.name: r.recipe for r in self.recipe.rules}}
+        for rule, ps in parts.items():
+            sub = subs[rule]
+            defaults = {"lr": sub.lr, "weight_decay": sub.weight_decay, **group_defaults(sub)}
+            super().add_param_group({**defaults, **param_group, "params": ps, "rule": rule})
+            for stage in self.pipelines[rule].stages():
+                getattr(stage, "added", lambda params: None)(ps)  # stateless blocks are their own stages
+        self._index = None  # positions over the groups, recomputed
+        self._prepare(self.global_step + 1)  # hooks on the new layers armed for the next forward pass
 
     def _state_of(self, param: torch.Tensor) -> dict[str, Any]:
         return self.state[param]  # looked up on every call: load_state_dict replaces self.state
@@ -193,8 +289,15 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- one step ----------------------------------------------------------------------
 
+    _step_supports_amp_scaling = True  # GradScaler hands its scale and overflow flag to step() (grad_scale, found_inf)
+
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]  # torch's stub: float | None
         upcoming = self.global_step + 1
+        if self.tap is not None:
+            self.tap.listening = False  # the passes inside the step are precond's (or a closure's: evaluate)
+        if self._amp_overflow():  # GradScaler: inf/NaN in the scaled gradients; skipped, no curvature state touched
+            self._prepare(upcoming)
+            return None
         try:
             ev = self._evaluate(closure, upcoming)
             with torch.no_grad():
@@ -202,22 +305,29 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             for stage in self._stages:
                 stage.after_step()
+            self._prepare(self.global_step + 1)
         self.guard.record(problem, upcoming)
         return ev.loss
 
+    def _amp_overflow(self) -> bool:
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for optimizers that handle scaling
+        return found_inf is not None and bool(found_inf)
+
     def _evaluate(self, closure: Callable[[], Any] | None, step: int) -> Evaluation:
-        needs = self.needs if closure is None else self._needs_at(step)  # the plain idiom must serve every step
-        for stage in self._stages:
-            stage.before_closure(step)
+        needs = self._needs_at(step)
+        if closure is not None:
+            for stage in self._stages:
+                stage.before_closure(step)  # this step's forward pass is the closure's: drop what came before
         params = self._trainable()
         captured = None
         if closure is not None and self.likelihood is not None and not self._likelihood_checked:
             self._likelihood_checked = True  # once: is the loss the likelihood's?
             closure = captured = OutputGradient(closure)
-        ev = evaluate(closure, params, needs, f"recipe '{self.recipe.name}'")
+        ev = evaluate(closure, params, needs, f"recipe '{self.recipe.name}'", self.tap, always=self.needs)
         if captured is not None and self.likelihood is not None:  # from the step's own backward pass: no extra work
             warn_if_mismatch(self.likelihood, captured, f"recipe '{self.recipe.name}' with likelihood='{self.likelihood.name}'", stacklevel=4)
         ev.env = self.env
+        self._unscale(ev, params)
         if self.comm.active and ev.graph_grads is not None:
             # torch.autograd.grad (for a differentiable gradient) bypasses DDP's reducer: average here
             have = [p for p in params if p.grad is not None]
@@ -226,6 +336,30 @@ class Optimizer(torch.optim.Optimizer):
             for p, g in zip(have, grads):
                 p.grad = g
         return ev
+
+    def _unscale(self, ev: Evaluation, params: list[torch.Tensor]) -> None:
+        """Under ``GradScaler.step(opt)``: the gradients divided by the loss scale (as GradScaler would, unless
+        ``scaler.unscale_(opt)`` did already), and the scale kept for statistics the hooks took from the scaled
+        backward pass (``grad_scaler=`` at build gives it when the gradients were unscaled before the step)."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, scale.double().reciprocal().float())
+            ev.grad_scale = float(scale)
+        elif getattr(self, "found_inf", None) is not None:  # GradScaler.step after scaler.unscale_(opt)
+            if self.grad_scaler is not None:
+                ev.grad_scale = float(self.grad_scaler.get_scale())
+            elif self.needs.hooks or self.needs.outputs:
+                raise PipelineError(
+                    f"recipe '{self.recipe.name}' takes statistics from your backward pass, which GradScaler scaled; "
+                    "after scaler.unscale_(opt) the optimizer is not told by how much. Pass grad_scaler=scaler to "
+                    "precond.build (as kfac-pytorch's grad_scaler), or call scaler.step(opt) without unscale_"
+                )
+        if ev.graph_grads is not None and ev.grad_scale not in (None, 1.0):
+            raise PipelineError(
+                f"recipe '{self.recipe.name}' differentiates the gradient again; under GradScaler that gradient is of "
+                "the scaled loss. Use bfloat16 autocast without a GradScaler, or no autocast, for this recipe"
+            )
 
     def _update(self, ev: Evaluation, step: int) -> str | None:
         """One step of the pipeline; returns what was non-finite (the step then changes nothing) or None."""
@@ -251,7 +385,7 @@ class Optimizer(torch.optim.Optimizer):
             for s in ctx.states:
                 s["step"] += 1
         for ctx, pipe in due:
-            pipe.structure.update(ctx, pipe.curvature)
+            pipe.structure.update(ctx, pipe.curvature_for(ev))
         self.step_control.prepare(ctxs)
         directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
         directions = self.step_control.scale(ctxs, directions)
@@ -285,7 +419,10 @@ class Optimizer(torch.optim.Optimizer):
         Each estimate says what it is (:class:`precond.interfaces.Estimate`): a structure may keep several
         per parameter (Kronecker factors, secant pairs) or one for several parameters (a dense block).
         """
-        fresh = [(ctx, pipe, _estimates(pipe.structure.estimates(ctx, pipe.curvature), len(ctx.params))) for ctx, pipe in due]
+        fresh = [
+            (ctx, pipe, _estimates(pipe.structure.estimates(ctx, pipe.curvature_for(ctx.evaluation)), len(ctx.params)))
+            for ctx, pipe in due
+        ]
         if self.comm.active:
             self.comm.mean_([e.tensor for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.config.structure.fill) for e in est])
         for ctx, pipe, est in fresh:
@@ -571,3 +708,23 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def _refuse_compiled(model: nn.Module, name: str, needs: Needs) -> None:
+    """A ``torch.compile``d model (or submodule) serves gradient-only recipes; hooks, the outputs' graph taken
+    during backward and double backward it does not (compiled graphs skip hooks added later, donate the buffers a
+    second backward needs, and have no double backward): refused at build with what works."""
+    compiled = [
+        n or "the model"
+        for n, m in model.named_modules()
+        if isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+    ]
+    if not compiled or not (needs.hooks or needs.outputs or needs.create_graph):
+        return
+    what = " and ".join(x for x, on in (("layer hooks", needs.hooks), ("the model outputs' graph", needs.outputs),
+                                        ("a second backward pass (Hessian-vector products)", needs.create_graph)) if on)
+    raise PipelineError(
+        f"recipe '{name}' needs {what}, which a torch.compile'd module does not give ({', '.join(compiled[:3])} is "
+        "compiled). Build it on the uncompiled model and call that in the training loop; gradient-only recipes "
+        "(adam, adamw, sgd, adagrad, shampoo, shampoo_grafted, soap, the quasi-Newton recipes) run on compiled models"
+    )

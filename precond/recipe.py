@@ -104,6 +104,9 @@ class Match(BaseModel):
 
     modules: list[str] = Field(default_factory=list, description="module class names, e.g. [LayerNorm, Embedding]")
     names: list[str] = Field(default_factory=list, description="parameter-name patterns, e.g. ['*.bias', 'head.*']")
+    unserved: bool = Field(
+        False, description="every parameter the recipe's own structure cannot serve (K-FAC: all but Linear and Conv2d layers)"
+    )
 
     def matches(self, name: str, module: Any) -> bool:
         from fnmatch import fnmatchcase
@@ -360,6 +363,11 @@ def recipe_model() -> type[Recipe]:
 def schema() -> dict[str, Any]:
     """JSON Schema of a recipe (for editors: yaml-language-server, VS Code)."""
     s = recipe_model().model_json_schema()
+    s.setdefault("properties", {})["extends"] = {
+        "type": "string",
+        "description": "start from this recipe (a built-in name or a path): keys given here replace its keys, a block "
+        "without 'type' changes only the fields it names, rules replace the rule of the same name or come first",
+    }
     s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     s["title"] = "precond recipe"
     return s
@@ -570,13 +578,14 @@ def _apply_overrides(
         if not parts or any(p == "" for p in parts):
             raise RecipeError([Problem(f"--set {dotted}", "", "expected a dotted path such as structure.beta")])
         where = Loc(f"--set {dotted}")
-        if parts[0] not in base and parts[0] not in KINDS:
+        if parts[0] not in base and parts[0] not in KINDS and parts[0] != "rules":
             hint = registry.suggest(str(parts[0]), list(base) + list(KINDS))
             raise RecipeError([Problem(str(where), "", f"unknown recipe key {parts[0]!r}{hint}")])
+        if parts[0] == "transform" and isinstance(data.get("transform"), dict):
+            data["transform"] = [data["transform"]]  # address the single transform as transform.0
+        parts = _list_path(data, parts)
         node = data
         for i, part in enumerate(parts[:-1]):
-            if parts[0] == "transform" and i == 0 and isinstance(node.get("transform"), dict):
-                node["transform"] = [node["transform"]]  # address the single transform as transform.0
             nxt = node.get(part) if isinstance(node, dict) else (node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
             if nxt is None:
                 if isinstance(node, dict):
@@ -584,6 +593,8 @@ def _apply_overrides(
                     locations[tuple(parts[: i + 1])] = where
                 else:
                     raise RecipeError([Problem(str(where), _dotted(tuple(parts[: i + 1])), "no such entry in the recipe")])
+            if isinstance(nxt, str) and part == "recipe" and parts[0] == "rules":  # a rule's recipe by name: its fields
+                nxt = node[part] = resolve(nxt).to_dict()
             if not isinstance(nxt, (dict, list)):
                 raise RecipeError([Problem(str(where), _dotted(tuple(parts[: i + 1])), f"is {nxt!r}, not a block; cannot set a field inside it")])
             node = nxt
@@ -593,6 +604,29 @@ def _apply_overrides(
                 raise RecipeError([Problem(str(where), str(dotted), "no such list item")])
         node[last] = value
         locations[tuple(parts)] = where
+
+
+def _list_path(data: Any, parts: list[Any]) -> list[Any]:
+    """``parts`` with list items named: a rule by its name (``rules.adam.recipe.lr``), the one item of a
+    one-item list by nothing (``transform.damping`` for ``transform.0.damping``)."""
+    out: list[Any] = []
+    node = data
+    for part in parts:
+        if isinstance(node, list) and isinstance(part, str):
+            named = [k for k, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part]
+            if named:
+                part = named[0]
+            elif len(node) == 1 and not (isinstance(node[0], dict) and "name" in node[0] and "match" in node[0]):
+                out.append(0)
+                node = node[0]
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return out
 
 
 def validate(
@@ -608,6 +642,7 @@ def validate(
     if not isinstance(data, dict):
         got = type(data).__name__ if data is not None else "nothing"
         raise RecipeError([Problem(str(locations.get((), source)), "", f"a recipe is a mapping (key: value lines), got {got}")], source)
+    data = _extend(data, locations, source)
     _apply_overrides(data, locations, hyper, set)
     # every problem in one pass: unknown block types, then the fields of everything else, then the
     # cross-block checks among the valid blocks; reported together, in file order
@@ -628,6 +663,37 @@ def validate(
     assert recipe is not None
     _ORIGINS.remember(recipe, locations, source)
     return recipe
+
+
+def _extend(data: dict[str, Any], locations: Locations, source: str) -> dict[str, Any]:
+    """``extends: BASE``: the base recipe's data with this recipe's keys over it. A block given without ``type``
+    (or with the base's) changes only the fields it names; one of another type replaces the base's block. A rule
+    named as one of the base's replaces it in place; new rules come before the base's (the first match wins)."""
+    if "extends" not in data:
+        return data
+    data = dict(data)
+    spec = data.pop("extends")
+    where = str(locations.get(("extends",), source))
+    if not isinstance(spec, str) or not spec:
+        raise RecipeError([Problem(where, "extends", f"expected a built-in recipe name or a path, got {spec!r}")], source)
+    base = resolve(spec).to_dict()
+    merged = {**base, **{k: v for k, v in data.items() if k != "rules"}}
+    for key in KINDS:
+        mine, theirs = data.get(key), base.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict) and mine.get("type", theirs.get("type")) == theirs.get("type"):
+            merged[key] = {**theirs, **mine}
+    if "rules" in data:
+        mine_rules = data["rules"]
+        if not isinstance(mine_rules, list):
+            merged["rules"] = mine_rules  # validation says what a rule list is
+        else:
+            names = {r.get("name") for r in mine_rules if isinstance(r, dict)}
+            replaced = {r.get("name"): r for r in mine_rules if isinstance(r, dict)}
+            base_rules = base.get("rules") or []
+            base_names = {r.get("name") for r in base_rules}
+            new = [r for r in mine_rules if not isinstance(r, dict) or r.get("name") not in base_names]
+            merged["rules"] = new + [replaced[r["name"]] if r.get("name") in names else r for r in base_rules]
+    return merged
 
 
 def _without(data: dict[str, Any], unknown: set[tuple[Any, ...]]) -> dict[str, Any]:

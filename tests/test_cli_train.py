@@ -236,17 +236,17 @@ def test_default_set_follows_the_builtin_recipes(tmp_path: Path) -> None:
 
 
 def test_compare_skips_a_recipe_that_cannot_run_on_the_task(tmp_path: Path) -> None:
-    if "kfac" not in builtin_recipes():
-        pytest.skip("no built-in kfac recipe")
+    if "sophia_g" not in builtin_recipes():
+        pytest.skip("no built-in sophia_g recipe")
     out = tmp_path / "rb"
-    res = invoke("compare", "adam", "kfac", "--task", "rosenbrock", "--short", "--steps", "3", "--seeds", "0",
+    res = invoke("compare", "adam", "sophia_g", "--task", "rosenbrock", "--short", "--steps", "3", "--seeds", "0",
                  "--out", str(out), "--no-progress")
     assert res.exit_code == 0, res.output
-    assert "skipped kfac: it cannot run on rosenbrock" in " ".join(res.stderr.split())
+    assert "skipped sophia_g: it cannot run on rosenbrock" in " ".join(res.stderr.split())
     data = json.loads((out / "compare.json").read_text())
     assert [r["label"] for r in data["rows"]] == ["adam"]
-    assert "skipped `kfac`" in (out / "compare.md").read_text()
-    res = invoke("compare", "kfac", "--task", "rosenbrock", "--short", "--steps", "3", "--out", str(tmp_path / "x"))
+    assert "skipped `sophia_g`" in (out / "compare.md").read_text()
+    res = invoke("compare", "sophia_g", "--task", "rosenbrock", "--short", "--steps", "3", "--out", str(tmp_path / "x"))
     assert res.exit_code == 2 and "none of the recipes can run on task rosenbrock" in res.output
 
 

@@ -11,7 +11,7 @@ from precond.autodiff import per_sample_vjp
 from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of
 from precond.curvature.products import outer_vp
-from precond.layers import KroneckerEstimate, Recorder, captured_output_grads, sample_count
+from precond.layers import KroneckerEstimate, Recorder, captured_output_grads
 from precond.registry import register
 
 
@@ -53,7 +53,7 @@ class EmpiricalFisher(Curvature):
     def _per_sample(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         ev = ctx.evaluation
         out, m = outputs_of(ev, "empirical_fisher(form=per_sample)")
-        (dl_df,) = torch.autograd.grad(ev.loss_graph, out, retain_graph=True)
+        dl_df = ev.loss_output_grad("empirical_fisher(form=per_sample)")
         vectors = (dl_df.detach() * m).reshape(m, -1, 1)  # ∇_f ℓ_m, since L = (1/M) Σ ℓ_m
         return per_sample_vjp(out, params, vectors, self.chunk), m
 
@@ -70,8 +70,10 @@ class EmpiricalFisher(Curvature):
     def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
         if recorder is None:
             return KroneckerEstimate(gradients=ctx.grads)
-        m = sample_count(ctx.evaluation.outputs, "empirical_fisher (Kronecker layer factors)")
-        return KroneckerEstimate(captured_output_grads(recorder), weight=float(m))
+        ev = ctx.evaluation
+        m = ev.samples("empirical_fisher (Kronecker layer factors)")
+        scale = ev.grad_scale or 1.0  # the captured gradients are of the loss GradScaler scaled
+        return KroneckerEstimate(captured_output_grads(recorder), weight=float(m) / scale**2)
 
     def full(self, ctx: GroupStep) -> torch.Tensor:
         if self.form == "batch":
@@ -90,6 +92,6 @@ class EmpiricalFisher(Curvature):
         key = (id(self), "matvec.output_grads")
         if key not in ev.memo:
             out, m = outputs_of(ev, "empirical_fisher(form=per_sample)")
-            (dl_df,) = torch.autograd.grad(ev.loss_graph, out, retain_graph=True)
+            dl_df = ev.loss_output_grad("empirical_fisher(form=per_sample)")
             ev.memo[key] = (dl_df.detach() * m).reshape(m, -1, 1)
         return outer_vp(ev, ctx.params, ev.memo[key], vectors, "empirical_fisher(form=per_sample)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -12,7 +12,7 @@ from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.errors import PipelineError
 from precond.curvature.common import dense_of_factor, diagonal_of_factor, outputs_of, sampled_output_grads
 from precond.curvature.products import graph_ggn_vp, outer_vp
-from precond.layers import KroneckerEstimate, Recorder, output_grads_by_backprop
+from precond.layers import KroneckerEstimate, Recorder, fill_output_grads, filled_output_grads, output_grads_by_backprop
 from precond.registry import register
 
 
@@ -63,19 +63,30 @@ class GaussNewton(Curvature):
     def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
         if recorder is None:
             raise PipelineError("gauss_newton fills Kronecker layer factors only (KFLR); Shampoo's gradient factors come from empirical_fisher")
+        filled = filled_output_grads(recorder)  # taken during the user's backward passes (plain loop)
+        if filled is not None:
+            return filled
         ev = ctx.evaluation
         key = (id(self), "kronecker")
         if key not in ev.memo:  # one batched backward per column serves every layer of every param group
-            if self.mc_samples:
-                grads, out, m = sampled_output_grads(ev, "gauss_newton", self.mc_samples)  # (M, C, k)
-                cot = (grads / m).permute(2, 0, 1).reshape(self.mc_samples, *out.shape)
-                weight = m / self.mc_samples
-            else:
-                out, m = outputs_of(ev, "gauss_newton")
-                sqrt = ev.require_likelihood("gauss_newton").hessian_sqrt(out.detach())  # (..., C, K)
-                cot, weight = (sqrt / m).movedim(-1, 0), float(m)
+            out, cot, weight = self._cotangents(ev)
             ev.memo[key] = KroneckerEstimate(output_grads_by_backprop(recorder, out, cot, self.chunk), weight=weight)
         return ev.memo[key]
+
+    def _cotangents(self, ev: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The outputs, the columns ``S_m/M`` of the likelihood's Hessian root (or sampled-label gradients), and
+        the weight of ``G``."""
+        if self.mc_samples:
+            grads, out, m = sampled_output_grads(ev, "gauss_newton", self.mc_samples)  # (M, C, k)
+            return out, (grads / m).permute(2, 0, 1).reshape(self.mc_samples, *out.shape), m / self.mc_samples
+        out, m = outputs_of(ev, "gauss_newton")
+        sqrt = ev.require_likelihood("gauss_newton").hessian_sqrt(out.detach())  # (..., C, K)
+        return out, (sqrt / m).movedim(-1, 0), float(m)
+
+    def record_output_grads(self, ctx: GroupStep, recorder: Recorder) -> None:
+        """During a backward pass the user runs: this forward pass's KFLR output gradients, kept in ``recorder``."""
+        out, cot, weight = self._cotangents(ctx.evaluation)
+        fill_output_grads(recorder, out, cot, out.numel() // out.shape[-1], weight, self.chunk)
 
     def full(self, ctx: GroupStep) -> torch.Tensor:
         factor, m = self._factor(ctx, ctx.params)

@@ -12,7 +12,7 @@ from precond.block import Curvature, DiagonalEstimate, GroupStep, Needs
 from precond.errors import PipelineError
 from precond.curvature.common import dense_of_factor, diagonal_of_factor, flat_outer_mean, sampled_output_grads
 from precond.curvature.products import outer_vp
-from precond.layers import KroneckerEstimate, Recorder, output_grads_by_backprop
+from precond.layers import KroneckerEstimate, Recorder, fill_output_grads, filled_output_grads, output_grads_by_backprop
 from precond.registry import register
 
 
@@ -83,16 +83,47 @@ class SampledFisher(Curvature):
 
         return DiagonalEstimate(values=self.shared(ctx, "diagonal", compute))
 
+    def micro_batch(self, what: str, ctx: GroupStep) -> Any:
+        """The batch form squares the batch gradient ``ĝ``: a micro-batch contributes its ``ĝ`` (linear)."""
+        if self.form != "batch":
+            return super().micro_batch(what, ctx)
+        return self._batch_grads(ctx, ctx.params)[0]
+
+    def combine(self, what: str, parts: list[tuple[int, Any]]) -> Any:
+        """``ĝ`` of the step, the sample-weighted mean of the micro-batches', then squared as :meth:`diagonal`
+        and :meth:`full` square it."""
+        if self.form != "batch":
+            return super().combine(what, parts)
+        m = sum(k for k, _ in parts)
+        rows = [sum(r[i] * (k / m) for k, r in parts) for i in range(len(parts[0][1]))]
+        scale = m if self.batch_scale else 1.0
+        if what == "diagonal":
+            return DiagonalEstimate(values=[scale * (r * r).mean(0) for r in rows])
+        return flat_outer_mean(rows, scale)
+
     def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
         if recorder is None:
             raise PipelineError("sampled_fisher fills Kronecker layer factors only; Shampoo's gradient factors come from empirical_fisher")
+        filled = filled_output_grads(recorder)  # taken during the user's backward passes (plain loop)
+        if filled is not None:
+            return filled
         ev = ctx.evaluation
         key = (id(self), "kronecker")
         if key not in ev.memo:  # one extra backward serves every layer of every param group
-            grads, out, m = sampled_output_grads(ev, "sampled_fisher", self.samples)  # (M, C, S)
-            cot = (grads / m).permute(2, 0, 1).reshape(self.samples, *out.shape)  # ∂L(f, ŷ_s)/∂f
-            ev.memo[key] = KroneckerEstimate(output_grads_by_backprop(recorder, out, cot, self.chunk), weight=m / self.samples)
+            out, cot, weight = self._sampled_cotangents(ev)
+            ev.memo[key] = KroneckerEstimate(output_grads_by_backprop(recorder, out, cot, self.chunk), weight=weight)
         return ev.memo[key]
+
+    def _sampled_cotangents(self, ev: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The outputs, ``∂L(f, ŷ_s)/∂f`` per draw ``(S, *outputs.shape)``, and the weight of ``G``."""
+        grads, out, m = sampled_output_grads(ev, "sampled_fisher", self.samples)  # (M, C, S)
+        return out, (grads / m).permute(2, 0, 1).reshape(self.samples, *out.shape), m / self.samples
+
+    def record_output_grads(self, ctx: GroupStep, recorder: Recorder) -> None:
+        """During a backward pass the user runs: the sampled-label output gradients of this forward pass's layer
+        calls, kept in ``recorder`` for :meth:`kronecker` (the plain loop, a torch-style closure)."""
+        out, cot, weight = self._sampled_cotangents(ctx.evaluation)
+        fill_output_grads(recorder, out, cot, out.numel() // out.shape[-1], weight, self.chunk)
 
     def full(self, ctx: GroupStep) -> torch.Tensor:
         if self.form == "per_sample":

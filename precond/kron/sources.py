@@ -48,6 +48,9 @@ class Source(Protocol):
     def after_step(self) -> None:
         """After every step (disarm hooks, drop what was recorded)."""
 
+    def from_outputs(self, ctx: GroupStep, curvature: Curvature) -> None:
+        """During a backward pass the user runs, while it passes the model's outputs: keep what needs their graph."""
+
     def units(self, params: list[Tensor], keys: MakeKeys) -> list[Unit]:
         """The units of ``params`` (made once per list), with their positions in it."""
         ...
@@ -103,9 +106,17 @@ class LayerHooks:
         self, params: Iterable[Tensor], served: Served, who: str, capture_grads: bool, owner: object
     ) -> None:
         env = served.env
-        self.layers: dict[Tensor, Layer] = find_layers(params, env.info, f"recipe '{env.recipe}' ({who})")
+        self.who = f"recipe '{env.recipe}' ({who})"
+        self.info = env.info
+        self.layers: dict[Tensor, Layer] = find_layers(params, env.info, self.who)
         require_one_group(self.layers.values(), list(served.all_groups), who)
         self.recorder = Recorder(dict.fromkeys(self.layers.values()), capture_grads, owner=owner)
+
+    def add(self, params: list[Tensor]) -> None:
+        """The layers of parameters added to the optimizer after it was built (``add_param_group``), hooked."""
+        new = find_layers([p for p in params if p not in self.layers], self.info, self.who)
+        self.layers.update(new)
+        self.recorder.add(new.values())
 
     def arm(self) -> None:
         self.recorder.arm()
@@ -159,9 +170,19 @@ class LayerSource:
         if self.curvature.due(step):
             self.hooks.arm()
 
+    def added(self, params: list[Tensor]) -> None:
+        self.hooks.add(params)
+
     def after_step(self) -> None:
         self.hooks.disarm()
         self.rows.clear()
+
+    def from_outputs(self, ctx: GroupStep, curvature: Curvature) -> None:
+        """During a backward pass the user runs: the output gradients the curvature draws from the outputs'
+        graph (sampled labels, the likelihood's Hessian root), for this forward pass's layer calls."""
+        record = getattr(curvature, "record_output_grads", None)
+        if callable(record):
+            record(ctx, self.recorder)
 
     def units(self, params: list[Tensor], keys: MakeKeys) -> list[Unit]:
         k = keys("0", 2)
@@ -264,6 +285,9 @@ class GradientSource:
 
     def after_step(self) -> None:
         """Nothing recorded."""
+
+    def from_outputs(self, ctx: GroupStep, curvature: Curvature) -> None:
+        """Nothing: the factors come from the gradient."""
 
     def partition(self, p: Tensor) -> BlockPartition:
         return _partition(tuple(p.shape), self.max_dim, self.merge_dims)

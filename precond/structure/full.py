@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from precond.block import Curvature, Direction, Estimate, GroupStep, Served, Stage, Structure, Transform
+from precond.block import Curvature, Direction, Estimate, GroupStep, Needs, Served, Stage, Structure, Transform
 from precond.distributed import Ownership
 from precond.errors import PipelineError
 from precond.linalg.cg import cg
@@ -238,6 +238,10 @@ class Full(Structure):
         if self.solver == "cg" and self.accumulate != "replace":
             raise ValueError("solver: cg keeps no matrix, so it cannot accumulate; use accumulate: replace or solver: dense")
         return self
+
+    def needs(self) -> Needs:
+        # CG multiplies by the curvature while the step runs: a curvature of the outputs needs their graph then
+        return Needs(graph_at_step=self.solver == "cg")
 
     def distributed_problem(self) -> str | None:
         if self.solver == "cg":

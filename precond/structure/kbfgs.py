@@ -39,7 +39,7 @@ from precond.errors import PipelineError
 from precond.evaluation import evaluate
 from precond.guard import all_finite
 from precond.kron.sources import LayerHooks
-from precond.layers import Layer, factor_dtype, layer_rows, sample_count
+from precond.layers import Layer, factor_dtype, layer_problem, layer_rows
 from precond.linalg.quasi_newton import bfgs_inverse_update, double_damping, two_loop
 from precond.registry import register
 from precond.transform.spectral import float32_damping
@@ -80,10 +80,13 @@ class KBFGS(Structure):
         return float32_damping(value, "damping", zero=False, example="0.3")
 
     def needs(self) -> Needs:
-        return Needs(hooks=True, closure=True, outputs=True)
+        return Needs(hooks=True, closure=True)  # the closure runs again at the new parameters
 
     def distributed_problem(self) -> str | None:
         return "structure 'kbfgs' updates its BFGS factors from this process's layer statistics (not averaged over the processes)"
+
+    def cannot_serve(self, module: Any, role: str) -> str | None:
+        return layer_problem(module, role)
 
     def supports(self, transform: Transform) -> bool:
         return (
@@ -156,8 +159,7 @@ class KBFGSStage(Stage):
         return ctx.memo(self, "fresh", lambda: self._statistics(ctx))
 
     def _statistics(self, ctx: GroupStep) -> list[tuple[Layer, list[int], dict[str, Tensor]]]:
-        m = sample_count(ctx.evaluation.outputs, "structure kbfgs")
-        means = self._means(m)
+        means = self._means(ctx.evaluation.samples("structure kbfgs"))
         out = []
         for layer, idx in self._layers(ctx):
             if layer not in means:
@@ -204,7 +206,7 @@ class KBFGSStage(Stage):
                 st[k_ha] = bfgs_inverse_update(st[k_ha], s_a, y_a).matrix
             if self.pending is None:
                 self.pending = {"closure": ctx.evaluation.closure, "params": ctx.evaluation.params, "before": {},
-                                "state_of": ctx.env.state_of}
+                                "state_of": ctx.env.state_of, "tap": ctx.env.tap}
             self.pending["before"][layer] = (a_mean, g_mean)
 
     def _pre_activation_update(self, pending: dict[str, Any]) -> None:
@@ -215,8 +217,8 @@ class KBFGSStage(Stage):
         self.hooks.arm()
         try:
             who = "structure kbfgs (the pass at the new parameters)"
-            ev = evaluate(pending["closure"], params, Needs(outputs=True), who)
-            means = self._means(sample_count(ev.outputs, "structure kbfgs"))
+            ev = evaluate(pending["closure"], params, Needs(), who, pending["tap"])
+            means = self._means(ev.samples(who))
         finally:
             for p, g in zip(params, saved):
                 p.grad = g

@@ -36,7 +36,7 @@ from precond.kron.accumulate import Accumulation
 from precond.kron.sources import GradientSource, LayerSource, Source, assemble
 from precond.kron.spectral import Form, Refresh, form_of
 from precond.kron.units import Keys, Unit, make_keys
-from precond.layers import factor_dtype
+from precond.layers import factor_dtype, layer_problem
 from precond.linalg.spectral import EighFailureError
 from precond.registry import register
 
@@ -113,9 +113,12 @@ class Kronecker(Structure):
     def fill(self) -> str:
         return f"kronecker.{self.factors}"
 
+    def cannot_serve(self, module: Any, role: str) -> str | None:
+        return layer_problem(module, role) if self.factors == "layer" else None
+
     def needs(self) -> Needs:
-        # layer factors come from hooks armed before the forward pass: the closure must run inside step()
-        return Needs(hooks=True, closure=True) if self.factors == "layer" else Needs()
+        # layer factors come from hooks armed before the forward pass (at the previous step's end for a plain loop)
+        return Needs(hooks=True) if self.factors == "layer" else Needs()
 
     def spectral_form(self) -> Form:
         """How a refresh is turned into the preconditioner (:mod:`precond.kron.spectral`)."""
@@ -181,6 +184,14 @@ class KroneckerStage(Stage):
 
     def before_closure(self, step: int) -> None:
         self.source.before_closure(step)
+
+    def from_outputs(self, ctx: GroupStep, curvature: Curvature) -> None:
+        self.source.from_outputs(ctx, curvature)
+
+    def added(self, params: list[Tensor]) -> None:
+        added = getattr(self.source, "added", None)
+        if added is not None:
+            added(params)
 
     def after_step(self) -> None:
         self.source.after_step()
