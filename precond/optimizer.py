@@ -215,11 +215,6 @@ class Optimizer(torch.optim.Optimizer):
         pipes = [p for p in self.pipelines.values() if p.record is not None and p.curvature.due(step)]
         if not pipes:
             return
-        if self.comm.active:
-            raise PipelineError(
-                f"recipe '{self.recipe.name}' draws its curvature from the model's outputs; on several processes that "
-                "runs with a forward-only closure for now: opt.step(closure) returning (loss, outputs) (docs/loops.md)"
-            )
         ev = Evaluation(outputs=outputs, output_grad=grad, params=self._trainable(), env=self.env, convention=PLAIN)
         scopes: dict[int, list[torch.Tensor]] = {}
         work = []

@@ -162,6 +162,9 @@ CASES: dict[str, tuple[str, dict | None, str, torch.dtype, float | None]] = {
     "natural_gradient": ("natural_gradient", NG, "replicated", torch.float64, 1e-9),
     "natural_gradient/sharded": ("natural_gradient", NG, "sharded", torch.float64, 1e-9),
     "soap/sharded": ("soap", None, "sharded", torch.float32, None),
+    # the plain loop (loss.backward(); opt.step()): sampled labels drawn while DDP's backward passes the outputs
+    "kfac/plain": ("kfac", None, "replicated", torch.float32, 1e-6),
+    "sophia_g/plain": ("sophia_g", {"curvature.every": 3, "curvature.start": 1}, "replicated", torch.float32, 1e-6),
 }
 RESUME = ("kfac", "kfac/sharded", "shampoo64/sharded", "natural_gradient", "natural_gradient/sharded")  # checkpoint at 2 processes, resume at 1 and 4
 
@@ -183,12 +186,19 @@ def _build(label: str, target: nn.Module) -> precond.Optimizer:
     return precond.build(recipe, target, likelihood="categorical", set=overrides, distributed=mode)
 
 
-def _steps(model: nn.Module, opt: precond.Optimizer, rank: int, world: int, start: int, stop: int) -> list[float]:
+def _steps(model: nn.Module, opt: precond.Optimizer, rank: int, world: int, start: int, stop: int, plain: bool = False) -> list[float]:
     per = GLOBAL_BATCH // world
     losses = []
     for x, y in _data()[start:stop]:
         x = x.to(next(model.parameters()).dtype)
         xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        if plain:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xs), ys)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            continue
 
         def closure(xs: torch.Tensor = xs, ys: torch.Tensor = ys) -> tuple[torch.Tensor, torch.Tensor]:
             out = model(xs)
@@ -212,7 +222,7 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None) -> None:
         for label in CASES:
             ddp = DDP(_model(label))
             opt = _build(label, ddp)
-            losses = _steps(ddp, opt, rank, world, 0, STEPS)
+            losses = _steps(ddp, opt, rank, world, 0, STEPS, plain=label.endswith("/plain"))
             results[label] = {"params": _params(ddp.module), "losses": losses, "traffic": dict(opt.comm.traffic)}
         for label in RESUME:
             ddp = DDP(_model(label))

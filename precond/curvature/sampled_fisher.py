@@ -87,15 +87,15 @@ class SampledFisher(Curvature):
         """The batch form squares the batch gradient ``ĝ``: a micro-batch contributes its ``ĝ`` (linear)."""
         if self.form != "batch":
             return super().micro_batch(what, ctx)
-        return self._batch_grads(ctx, ctx.params)[0]
+        return self._batch_grads(ctx, ctx.params)  # (ĝ, M): on several processes both global
 
     def combine(self, what: str, parts: list[tuple[int, Any]]) -> Any:
         """``ĝ`` of the step, the sample-weighted mean of the micro-batches', then squared as :meth:`diagonal`
         and :meth:`full` square it."""
         if self.form != "batch":
             return super().combine(what, parts)
-        m = sum(k for k, _ in parts)
-        rows = [sum(r[i] * (k / m) for k, r in parts) for i in range(len(parts[0][1]))]
+        m = sum(mb for _, (_, mb) in parts)
+        rows = [sum(r[i] * (mb / m) for _, (r, mb) in parts) for i in range(len(parts[0][1][0]))]
         scale = m if self.batch_scale else 1.0
         if what == "diagonal":
             return DiagonalEstimate(values=[scale * (r * r).mean(0) for r in rows])
