@@ -16,7 +16,7 @@ from precond.block import Block
 from precond.errors import RecipeError, RecipeWarning
 from precond.interfaces import param_info
 from precond.optimizer import DEFAULT_RULE, Optimizer, group_defaults
-from precond.recipe import Recipe, location_of, recipe_model, resolve, validate
+from precond.recipe import Recipe, location_of, recipe_model, resolve, rule_of, serves_not, validate
 
 ModelLike = nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -46,7 +46,7 @@ def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
         groups[rule.name] = []
     infos = param_info(model)
     for p, info in infos.items():
-        groups[rule_of(recipe, info.name, info.module, info.role)].append(p)
+        groups[rule_of(recipe, info.name, info.module, info.role, p)].append(p)
     for message in rule_warnings(model, recipe, infos):
         warnings.warn(message, RecipeWarning, stacklevel=_outside_precond())
     if infos and not groups[DEFAULT_RULE] and recipe.structure is not None:
@@ -64,18 +64,6 @@ def assign_rules(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     return out
 
 
-def rule_of(recipe: Recipe, name: str, module: nn.Module, role: str = "weight") -> str:
-    """The rule that takes a parameter (its name, owning module and name there): the first that matches it."""
-    for rule in recipe.rules:
-        if rule.match.matches(name, module) or (rule.match.unserved and _unserved(recipe, module, role)):
-            return rule.name
-    return DEFAULT_RULE
-
-
-def _unserved(recipe: Recipe, module: nn.Module, role: str) -> bool:
-    return recipe.structure is not None and recipe.structure.cannot_serve(module, role) is not None
-
-
 def rule_warnings(model: nn.Module, recipe: Recipe, infos: Mapping[torch.Tensor, Any] | None = None) -> list[str]:
     """What :class:`~precond.errors.RecipeWarning` says about ``recipe``'s rules on ``model`` (its
     docstring has the rule): one message per pattern that looks like a typo, or that earlier rules shadow."""
@@ -85,9 +73,9 @@ def rule_warnings(model: nn.Module, recipe: Recipe, infos: Mapping[torch.Tensor,
     infos = param_info(model) if infos is None else infos
     params = list(infos.values())
     owner: dict[int, str] = {}  # parameter index -> the rule that takes it
-    for j, info in enumerate(params):
+    for j, (p, info) in enumerate(infos.items()):
         for rule in rules:
-            if rule.match.matches(info.name, info.module) or (rule.match.unserved and _unserved(recipe, info.module, info.role)):
+            if rule.match.matches(info.name, info.module, p) or (rule.match.unserved and serves_not(recipe, info.module, info.role)):
                 owner[j] = rule.name
                 break
     model_classes = sorted({type(m).__name__ for m in model.modules()})

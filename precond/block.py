@@ -350,6 +350,10 @@ class Structure(Block):
         """Whether ``transform`` knows how to act on this structure (a method named after ``form``)."""
         return callable(getattr(transform, self.form, None))
 
+    def refusal(self, transform: Transform) -> str:
+        """Why ``transform`` is not supported, and what is (appended to the validator's message); '' if nothing to add."""
+        return ""
+
 
 class Transform(Block, Interval):
     """A function of the curvature applied to the direction, or a map of the direction.

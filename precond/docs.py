@@ -55,7 +55,7 @@ KIND_INTRO = {
     "curvature": "Estimates the curvature `C` from the step's gradient, outputs or a functional call of the model. "
     "`fills` says which structure forms it can estimate; `every`/`start` amortise the work.",
     "structure": "Stores and accumulates the curvature (`sum` or `ema`) in a form (`diagonal`, Kronecker factors, "
-    "dense, a secant history) and applies spectral transforms to directions.",
+    "dense, a secant history, PSGD's Kronecker factors fitted to probe pairs) and applies spectral transforms to directions.",
     "transform": "Functions of the curvature applied to the direction (`inverse`, `inverse_root`, spectral: they "
     "act through the structure) or maps of the direction (`clip`, `identity`); a list applies in order.",
     "momentum": "Momentum before (`position: pre`, Adam, Sophia) or after (`position: post`, K-FAC) the "

@@ -29,10 +29,9 @@ from precond.guard import Guard
 from precond.interfaces import Environment, ParamInfo, param_info  # noqa: F401  (ParamInfo, param_info: re-exported)
 from precond.likelihood import get_likelihood
 from precond.likelihood_check import OutputGradient, warn_if_mismatch
-from precond.recipe import Recipe, fingerprint
+from precond.recipe import DEFAULT_RULE, Recipe, fingerprint, rule_of
 
 STATE_VERSION = 1
-DEFAULT_RULE = "default"
 
 
 def group_defaults(recipe: Recipe) -> dict[str, Any]:
@@ -247,8 +246,6 @@ class Optimizer(torch.optim.Optimizer):
         if "pipelines" not in self.__dict__:  # torch's __init__ adding the first groups
             super().add_param_group(param_group)
             return
-        from precond.api import rule_of  # (api builds optimizers)
-
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if self.model is not None:
@@ -261,7 +258,7 @@ class Optimizer(torch.optim.Optimizer):
             parts = {}
             for p in params:
                 info = self.param_info.get(p)
-                rule = DEFAULT_RULE if info is None else rule_of(self.recipe, info.name, info.module, info.role)
+                rule = DEFAULT_RULE if info is None else rule_of(self.recipe, info.name, info.module, info.role, p)
                 parts.setdefault(rule, []).append(p)
         subs = {DEFAULT_RULE: self.recipe, **{r.name: r.recipe for r in self.recipe.rules}}
         for rule, ps in parts.items():

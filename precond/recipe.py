@@ -104,14 +104,35 @@ class Match(BaseModel):
 
     modules: list[str] = Field(default_factory=list, description="module class names, e.g. [LayerNorm, Embedding]")
     names: list[str] = Field(default_factory=list, description="parameter-name patterns, e.g. ['*.bias', 'head.*']")
+    dims: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="parameter orders (p.dim()), e.g. [0, 1]: every scalar and vector, whatever owns it"
+    )
     unserved: bool = Field(
         False, description="every parameter the recipe's own structure cannot serve (K-FAC: all but Linear and Conv2d layers)"
     )
 
-    def matches(self, name: str, module: Any) -> bool:
+    def matches(self, name: str, module: Any, param: Any = None) -> bool:
         from fnmatch import fnmatchcase
 
+        if param is not None and param.dim() in self.dims:
+            return True
         return type(module).__name__ in self.modules or any(fnmatchcase(name, pat) for pat in self.names)
+
+
+DEFAULT_RULE = "default"  # the rule of the parameters no rule takes: the recipe's own pipeline
+
+
+def rule_of(recipe: Recipe, name: str, module: Any, role: str = "weight", param: Any = None) -> str:
+    """The rule that takes a parameter (its name, owning module, name there and tensor): the first that matches it."""
+    for rule in recipe.rules:
+        if rule.match.matches(name, module, param) or (rule.match.unserved and serves_not(recipe, module, role)):
+            return rule.name
+    return DEFAULT_RULE
+
+
+def serves_not(recipe: Recipe, module: Any, role: str) -> bool:
+    """Whether the recipe's own structure cannot serve a parameter (``match: {unserved: true}`` takes it)."""
+    return recipe.structure is not None and recipe.structure.cannot_serve(module, role) is not None
 
 
 class Rule(BaseModel):
@@ -271,7 +292,9 @@ def _combination_problems(parts: _Parts) -> list[tuple[str, str, bool]]:
                 False,
             ))
         elif structure is not None and not structure.supports(transform):
-            out.append((f"transform.{i}", f"structure '{structure.name}' cannot apply transform '{transform.name}'", False))
+            why = structure.refusal(transform)
+            message = f"structure '{structure.name}' cannot apply transform '{transform.name}'" + (f": {why}" if why else "")
+            out.append((f"transform.{i}", message, False))
     step = parts.step
     check = getattr(step, "recipe_problems", None)  # what the step control needs of every pipeline
     if step is not INVALID and callable(check):

@@ -165,6 +165,10 @@ CASES: dict[str, tuple[str, dict | None, str, torch.dtype, float | None]] = {
     # the plain loop (loss.backward(); opt.step()): sampled labels drawn while DDP's backward passes the outputs
     "kfac/plain": ("kfac", None, "replicated", torch.float32, 1e-6),
     "sophia_g/plain": ("sophia_g", {"curvature.every": 3, "curvature.start": 1}, "replicated", torch.float32, 1e-6),
+    # Newton-Schulz in bfloat16: a 1e-7 change of the gradient can flip a bfloat16 rounding (2^-8 of a step)
+    "muon": ("muon", None, "replicated", torch.float32, 1e-5),
+    # the probe v comes from the optimizer's generator, seeded alike on every process
+    "psgd_kron": ("psgd_kron", {"lr": 0.01}, "replicated", torch.float64, 1e-9),
 }
 RESUME = ("kfac", "kfac/sharded", "shampoo64/sharded", "natural_gradient", "natural_gradient/sharded")  # checkpoint at 2 processes, resume at 1 and 4
 

@@ -30,9 +30,12 @@ class EmpiricalFisher(Curvature):
     hooks on the recorded layer outputs; tf-kfac's "empirical" mode), scaled
     by the sample count of the closure's outputs; gradient factors (Shampoo)
     are Gram matrices of the batch gradient. ``form`` does not apply.
+
+    ``probe`` (PSGD-Kron): ``h = g``, the batch gradient, of the probe pair
+    ``(v, h)`` whose ``E[h hᵀ]`` the structure whitens (it draws ``v``).
     """
 
-    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full", "kronecker"})
+    fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full", "kronecker", "probe"})
     kronecker_factors: ClassVar[frozenset[str]] = frozenset({"layer", "gradient"})
     capture_output_grads: ClassVar[bool] = True  # δ comes from the main backward
 
@@ -48,7 +51,7 @@ class EmpiricalFisher(Curvature):
     def reduce_estimates(self, fill: str) -> bool:
         # g g^T and Shampoo's Gram matrices come from the (DDP-averaged) gradients; per-sample
         # products and K-FAC's layer factors from this process's batch
-        return fill == "kronecker.layer" or (fill != "kronecker.gradient" and self.form == "per_sample")
+        return fill == "kronecker.layer" or (fill not in ("kronecker.gradient", "probe") and self.form == "per_sample")
 
     def _per_sample(self, ctx: GroupStep, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         ev = ctx.evaluation
@@ -66,6 +69,10 @@ class EmpiricalFisher(Curvature):
             return diagonal_of_factor(factor, m)
 
         return DiagonalEstimate(values=self.shared(ctx, "diagonal", compute))
+
+    def probe(self, ctx: GroupStep) -> list[torch.Tensor]:
+        """``h`` of PSGD's probe pair: the batch gradient (after ``l2`` decay), whatever ``form`` says."""
+        return ctx.grads
 
     def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
         if recorder is None:

@@ -23,11 +23,12 @@ def apply_update(params: list[torch.Tensor], direction: Direction, lr: float | l
         torch._foreach_addcdiv_(params, direction.tensors, direction.denominator, scale)
     elif isinstance(scale, float):
         torch._foreach_add_(params, direction.tensors, alpha=scale)
-    elif direction.owned:
-        torch._foreach_mul_(direction.tensors, scale)
-        torch._foreach_add_(params, direction.tensors)
-    else:
-        torch._foreach_add_(params, torch._foreach_mul(direction.tensors, scale))
+    else:  # one add per distinct scale: θ + s·d rounded as torch's param.add_(d, alpha=s) (no separate product)
+        by_scale: dict[float, list[int]] = {}
+        for i, s in enumerate(scale):
+            by_scale.setdefault(s, []).append(i)
+        for s, idx in by_scale.items():
+            torch._foreach_add_([params[i] for i in idx], [direction.tensors[i] for i in idx], alpha=s)
 
 
 @register("step", "lr")

@@ -54,10 +54,15 @@ class HeavyBall(Momentum):
 
 @register("momentum", "ema")
 class EMA(Momentum):
-    """``m ← β m + (1 - β) d`` from ``m₀ = 0``, read as ``m / (1 - βᵗ)`` with bias correction (Adam)."""
+    """``m ← β m + (1 - β) d`` from ``m₀ = 0``, read as ``m / (1 - βᵗ)`` with bias correction (Adam).
+
+    ``nesterov``: the output is ``(1 - β) d + β m`` instead (``d.lerp(m, β)``: torch.optim.Muon's and
+    Keller Jordan's Nesterov form), with ``m/(1 - βᵗ)`` in place of ``m`` when ``bias_correction`` is on.
+    """
 
     beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay β₁; the param-group value 'momentum' (schedulers such as OneCycleLR change it)")
     bias_correction: bool = Field(True, description="divide by 1 - β^t")
+    nesterov: bool = Field(False, description="Nesterov form (Muon): (1 - β) d + β m, the current direction averaged once more")
 
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         state[self.key("avg")] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -68,6 +73,10 @@ class EMA(Momentum):
         beta = self.factor(ctx)
         avg = ctx.gathered(self.key("avg"))
         torch._foreach_lerp_(avg, direction.tensors, 1.0 - beta)
+        if self.nesterov:
+            if self.bias_correction:  # (1 - β) d + β m/(1 - βᵗ)
+                avg = list(torch._foreach_div(avg, [1.0 - beta**t for t in ctx.steps]))
+            return Direction(list(torch._foreach_lerp(direction.tensors, avg, beta)), 1.0, True)
         if not self.bias_correction:
             return Direction(avg, 1.0, False)
         return Direction(avg, uniform([1.0 / (1.0 - beta**t) for t in ctx.steps]), False)

@@ -17,7 +17,7 @@ are slow and serial. Matrices of the same shape are orthogonalized in one
 batched call. ``dtype: bfloat16`` computes as torch.optim.Muon and Keller
 Jordan's code do; ``float32``/``float64`` for accuracy (docs/algorithms.md#newton-schulz).
 
-``scale`` multiplies each result by a factor of its shape ``(A, B)``:
+``scale`` multiplies each result by a factor of its matrix shape ``(A, B)`` (a conv kernel's ``(out, in·kh·kw)``):
 ``original`` ``sqrt(max(1, A/B))`` (Keller Jordan), ``match_rms_adamw``
 ``0.2·sqrt(max(A, B))`` (Moonlight: the update RMS of AdamW, so AdamW's lr and
 weight decay carry over), ``none`` 1 — as ``adjust_lr_fn`` in torch.optim.Muon.
@@ -68,8 +68,10 @@ def newton_schulz(
 
 
 def shape_scale(shape: torch.Size, scale: str) -> float:
-    """The factor of a ``scale`` for a parameter of ``shape`` (its first two sizes ``A, B``)."""
-    rows, cols = shape[0], shape[1]
+    """The factor of a ``scale`` for a parameter of ``shape``, from the matrix ``(A, B)`` the iteration
+    orthogonalizes: ``(shape[0], rest)`` (for a matrix torch.optim.Muon's ``param_shape[:2]``; for a conv
+    kernel ``(out, in·kh·kw)``, so that ``match_rms_adamw`` gives it the update RMS 0.2 as well)."""
+    rows, cols = shape[0], math.prod(shape[1:])
     if scale == "original":
         return math.sqrt(max(1.0, rows / cols))
     if scale == "match_rms_adamw":
