@@ -157,11 +157,11 @@ CASES: dict[str, tuple[str, dict | None, str, torch.dtype, float | None]] = {
     "sophia_g": ("sophia_g", None, "replicated", torch.float32, 1e-6),
     "adahessian": ("adahessian", None, "replicated", torch.float64, 1e-10),
     "ekfac": ("ekfac", None, "replicated", torch.float64, 1e-6),
-    "soap": ("soap", None, "replicated", torch.float32, None),
+    "soap": ("soap", None, "replicated", torch.float32, 1e-4),  # soap_official: round-off decides (docs/algorithms.md#eigenbasis-mode)
     # full blocks, one per layer, eigendecompositions kept for 5 steps: owners solve and refresh
     "natural_gradient": ("natural_gradient", NG, "replicated", torch.float64, 1e-9),
     "natural_gradient/sharded": ("natural_gradient", NG, "sharded", torch.float64, 1e-9),
-    "soap/sharded": ("soap", None, "sharded", torch.float32, None),
+    "soap/sharded": ("soap", None, "sharded", torch.float32, 1e-4),
     # the plain loop (loss.backward(); opt.step()): sampled labels drawn while DDP's backward passes the outputs
     "kfac/plain": ("kfac", None, "replicated", torch.float32, 1e-6),
     "sophia_g/plain": ("sophia_g", {"curvature.every": 3, "curvature.start": 1}, "replicated", torch.float32, 1e-6),

@@ -218,8 +218,9 @@ def test_sgd_and_adagrad_grafting_norms(source: str) -> None:
 
 
 def test_soap_equals_adam_in_the_eigenbasis_of_ema_factors() -> None:
+    """The official step with ``refresh: eigh`` (the power-iteration refresh: tests/test_soap.py)."""
     gs = grads_stream((5, 5), 13, seed=9)
-    steps, opt, _ = run("soap", (5, 5), gs)
+    steps, opt, _ = run("soap_official", (5, 5), gs, set={"structure.refresh": "eigh"})
     lr, wd = 3e-3, 0.01
     w = torch.zeros(5, 5, dtype=D)
     left, right = torch.zeros(5, 5, dtype=D), torch.zeros(5, 5, dtype=D)
@@ -285,3 +286,36 @@ def test_float64_eigendecomposition_of_float32_factors() -> None:
         opt.step()
         assert opt.state[w]["structure.root.0.0"].dtype == torch.float32
         assert np.abs((before - w.detach()).double().numpy() - ref).max() < 1e-5
+
+
+def test_distributed_shampoo_start_frequency_and_grafting_against_the_equations() -> None:
+    """Distributed Shampoo's start_preconditioning_step = 4 and precondition_frequency = 2, Adam grafting,
+    betas (0, 0.999), epsilon 1e-12, no weight decay, transcribed: before step 4 the grafted Adam step alone
+    (its statistic from step 1, the factors too); from step 4 ``L̂^(-1/4) G R̂^(-1/4)`` with the roots of the
+    bias-corrected EMA factors plus epsilon recomputed on steps 4, 6, 8, rescaled to the norm of Adam's step."""
+    gs = grads_stream((4, 5), 9, seed=12)
+    steps, opt, _ = run("shampoo_grafted", (4, 5), gs, weight_decay=0.0,
+                        set={"momentum": None, "transform.0.every": 2, "transform.0.start": 4, "transform.1.start": 4})
+    lr, b2, eps, graft_eps = 1e-3, 0.999, 1e-12, 1e-8
+    left, right, v = np.zeros((4, 4)), np.zeros((5, 5)), np.zeros((4, 5))
+    roots = None
+    for t, (g, step) in enumerate(zip(gs, steps), 1):
+        g = g.numpy()
+        left, right = b2 * left + (1 - b2) * g @ g.T, b2 * right + (1 - b2) * g.T @ g
+        v = b2 * v + (1 - b2) * g**2
+        u = g / (np.sqrt(v / (1 - b2**t)) + graft_eps)
+        if t == 4 or (t > 4 and t % 2 == 0):
+            bc = 1 - b2**t
+            roots = (npower(left / bc, -0.25, eps), npower(right / bc, -0.25, eps))
+        if t < 4:
+            ref = u
+        else:
+            d = roots[0] @ g @ roots[1]
+            ref = d * np.linalg.norm(u) / np.linalg.norm(d)
+        assert np.abs(step / lr - ref).max() < 1e-9 * np.abs(ref).max(), t
+
+
+def test_graft_and_its_preconditioner_start_together() -> None:
+    w = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(PipelineError, match="same start"):
+        precond.build("shampoo_grafted", [w], set={"transform.0.start": 4})

@@ -19,9 +19,18 @@ how to apply it, through the kernels of :mod:`precond.linalg.kron`:
 * :class:`Eigenbasis` (``spectrum: eigenbasis``, EKFAC and SOAP): the bases; the
   eigenvalues are an EMA of squared gradients in them, updated on curvature
   steps from the source's samples, ``f`` of it applied like :class:`Exact`.
+  ``refresh: power_qr`` refreshes a basis as SOAP does — one power iteration
+  from the previous basis and a QR decomposition
+  (:func:`~precond.linalg.spectral.power_qr_many`), the second moment permuted
+  as the eigenvalue estimates reorder the columns (:meth:`Form.committed`) —
+  and ``eigh`` only for the first basis. ``null_threshold`` and
+  ``relative_eps`` keep it from amplifying round-off: the second moment is
+  shared along each factor's (numerical) null space and floored relative to
+  its largest entry (see :class:`Eigenbasis`).
 
 A new form goes here: a class with ``kept``, ``derive``, ``apply`` (and
-``supports``, ``prepare`` when it needs them), chosen in :func:`form_of`.
+``supports``, ``prepare``, ``decompose``, ``committed`` when it needs them),
+chosen in :func:`form_of`.
 """
 
 from __future__ import annotations
@@ -32,11 +41,20 @@ import torch
 from torch import Tensor
 
 from precond.block import GroupStep, Transform
+from precond.errors import PipelineError
 from precond.guard import all_finite
 from precond.kron.accumulate import Accumulation
 from precond.kron.units import Unit
+from precond.linalg.newton import inverse_roots_many
 from precond.linalg.kron import kron_precondition_exact, kron_spectrum, mode_products, pi_adjusted_damping
-from precond.linalg.spectral import EighResult, eigh_many, floor_eigenvalues, inverse_root
+from precond.linalg.spectral import (
+    EighResult,
+    PowerQRResult,
+    eigh_many,
+    floor_eigenvalues,
+    inverse_root,
+    power_qr_many,
+)
 
 if TYPE_CHECKING:
     from precond.kron.sources import Source
@@ -66,6 +84,17 @@ class Form:
         """After the refresh: the units ready to apply."""
         return units
 
+    def decompose(self, units: list[Unit], mats: list[Tensor], float64: bool, transform: Transform) -> list[Any]:
+        """The decompositions of the units' factors (``mats``: each unit's factors in order), ``None`` where
+        one failed: ``eigh``, batched over the factors of equal size (:func:`eigh_many`)."""
+        return list(eigh_many(mats, float64))
+
+    def before_refresh(self, u: Unit) -> None:
+        """Before ``u`` is refreshed, on every process that keeps its state."""
+
+    def committed(self, u: Unit) -> None:
+        """After ``u``'s refresh was kept in its state (a failed one is not)."""
+
 
 class Exact(Form):
     """``f`` of ``C``'s eigenvalues in the joint eigenbasis: ``(A ⊗ G + λI)⁻¹`` for K-FAC with ``inverse``."""
@@ -86,10 +115,18 @@ class Exact(Form):
 
 class Roots(Form):
     """One matrix per factor, ``(F_i + λ_i I)^(-1/(p·s))`` (damping inside) or ``(F_i^(1/(p·s)) + λ_i I)⁻¹``
-    (outside): ``λ_i = λ`` (``per_factor``) or Martens & Grosse's ``π_i λ^(1/k)`` (``factored``)."""
+    (outside): ``λ_i = λ`` (``per_factor``) or Martens & Grosse's ``π_i λ^(1/k)`` (``factored``).
 
-    def __init__(self, adjusted: bool) -> None:
+    ``method``: ``eigh`` (through each factor's eigendecomposition) or ``coupled_newton`` (matrix products
+    only, :func:`~precond.linalg.newton.inverse_roots_many`: batched over factors of one size and root, float32
+    unless ``float64``, retried in float64 where it did not converge; damping inside and an integer
+    ``p·s`` only)."""
+
+    def __init__(self, adjusted: bool, method: str = "eigh", max_iter: int = 100, tol: float = 1e-6) -> None:
         self.adjusted = adjusted
+        self.method = method
+        self.max_iter = max_iter
+        self.tol = tol
 
     def supports(self, transform: Transform) -> bool:
         return transform.kronecker() is not None  # type: ignore[attr-defined]  # Kronecker.supports checked it has one
@@ -97,7 +134,35 @@ class Roots(Form):
     def kept(self, u: Unit) -> list[tuple[str, tuple[int, ...]]]:
         return [(key, (n, n)) for key, n in zip(u.keys.root, u.dims)]
 
+    def decompose(self, units: list[Unit], mats: list[Tensor], float64: bool, transform: Transform) -> list[Any]:
+        """``coupled_newton``: the roots themselves, one batched iteration per (size, root)."""
+        if self.method == "eigh":
+            return super().decompose(units, mats, float64, transform)
+        root, damping, outside = transform.kronecker()  # type: ignore[attr-defined,misc]  # supports(): not None
+        roots: list[int] = []
+        dampings: list[Any] = []
+        start = 0
+        for u in units:
+            mine, start = mats[start : start + len(u.dims)], start + len(u.dims)
+            r = root * u.share
+            if outside or abs(r - round(r)) > 1e-9:
+                raise PipelineError(
+                    f"structure kronecker root_method: coupled_newton computes (F + damping)^(-1/r) for an integer r, "
+                    f"with the damping inside; a block of {len(u.dims)} factors needs r = p*{u.share} = {r:g}"
+                    + (" and the transform puts its damping outside" if outside else "")
+                    + ": use root_method: eigh, or p and damping_position that give it"
+                )
+            roots += [int(round(r))] * len(mine)
+            if self.adjusted and damping > 0:
+                dampings += [d.to(mine[0].dtype) for d in pi_adjusted_damping(mine, damping)]  # type: ignore[union-attr]  # tracenorm: tensors
+            else:
+                dampings += [damping] * len(mine)
+        return inverse_roots_many(mats, roots, dampings, float64, self.max_iter, self.tol)
+
     def derive(self, u: Unit, eigs: list[EighResult], transform: Transform) -> list[Tensor] | None:
+        if self.method != "eigh":  # decompose made the roots
+            out = [r.contiguous() for r in eigs]  # type: ignore[attr-defined]  # tensors, not decompositions
+            return out if all_finite(out) else None
         root, damping, outside = transform.kronecker()  # type: ignore[attr-defined,misc]  # supports(): not None
         eig = [(floor_eigenvalues(e.eigenvalues), e.eigenvectors) for e in eigs]
         dampings: list[Any] = [damping] * len(eig)
@@ -113,24 +178,158 @@ class Roots(Form):
 
 class Eigenbasis(Form):
     """The factors' eigenbasis with ``C``'s eigenvalues replaced by ``D``, an EMA of squared gradients in it:
-    ``f(D̂)`` elementwise in the eigenbasis (Adam there with ``inverse_root``, EKFAC's ``1/(D̂ + λ)``)."""
+    ``f(D̂)`` elementwise in the eigenbasis (Adam there with ``inverse_root``, EKFAC's ``1/(D̂ + λ)``).
 
-    def __init__(self, beta: float, bias_correction: bool) -> None:
+    ``refresh``: ``eigh`` decomposes the factors on every refresh; ``power_qr`` (SOAP's
+    ``get_orthogonal_matrix_QR``) decomposes them once, then refreshes each basis by one power iteration
+    from the previous one (:func:`~precond.linalg.spectral.power_qr_many`) and permutes ``D`` along that
+    dimension as the eigenvalue estimates reorder the columns (descending).
+
+    ``null_threshold`` ``τ > 0``: an index of factor ``i`` whose eigenvalue is below ``τ`` times the factor's
+    largest lies in its (numerical) null space, where the basis is decided by round-off and the gradient had
+    (almost) nothing so far. Normalising such directions one by one (Adam's ``m/(√v + ε)``) depends on the
+    basis that round-off chose. Along each null space the entries of ``D̂`` share their sum instead (one
+    factor after the other): the update there is the gradient's projection on that subspace divided by the
+    root of its energy, whichever basis of it round-off chose — as one Adam coordinate. ``relative_eps ρ``:
+    ``D̂`` is read at least ``ρ² max D̂``, so components that are round-off next to the block's largest (the
+    off-diagonal of step 1's ``Q_Lᵀ G Q_R``, the null spaces at first) stay round-off-sized. Both 0: every
+    direction its own (the official SOAP, EKFAC).
+    """
+
+    def __init__(
+        self, beta: float, bias_correction: bool, refresh: str = "eigh", null_threshold: float = 0.0, relative_eps: float = 0.0
+    ) -> None:
         self.beta = beta
         self.bias_correction = bias_correction
+        self.power_qr = refresh == "power_qr"
+        self.null_threshold = null_threshold
+        self.relative_eps = relative_eps
 
     def kept(self, u: Unit) -> list[tuple[str, tuple[int, ...]]]:
-        return [(key, (n, n)) for key, n in zip(u.keys.basis, u.dims)]
+        out = [(key, (n, n)) for key, n in zip(u.keys.basis, u.dims)]
+        if self.null_threshold > 0:
+            out += [(key, (n,)) for key, n in zip(u.keys.values, u.dims)]
+        if self.power_qr:
+            out += [(key, (n,)) for key, n in zip(u.keys.order, u.dims)]
+        return out
+
+    def decompose(self, units: list[Unit], mats: list[Tensor], float64: bool, transform: Transform) -> list[Any]:
+        """``power_qr``: a factor with a basis refreshes it from there, the others (the first basis) by ``eigh``
+        with the columns in descending order (as SOAP), their second moment kept as it is; with
+        ``null_threshold``, also a factor whose basis has a null space (eigenvalues below the threshold): one
+        power iteration keeps the directions that round-off chose there. ``eigh``: every factor by ``eigh``."""
+        if not self.power_qr:
+            return super().decompose(units, mats, float64, transform)
+        warm: list[int] = []
+        cold: list[int] = []
+        previous: list[Tensor] = []
+        start = 0
+        candidates: list[tuple[int, Tensor, Tensor | None]] = []
+        for u in units:
+            idx = list(range(start, start + len(u.dims)))
+            start += len(u.dims)
+            if all(key in u.state for key in u.keys.basis):
+                values = [u.state.get(key) for key in u.keys.values] if self.null_threshold > 0 else [None] * len(idx)
+                candidates.extend(zip(idx, u.bases(), values))
+            else:
+                cold.extend(idx)
+        # a basis with a null space is no warm start there (round-off chose it): such a factor is decomposed again
+        null = [v is not None and bool(v.numel()) for _, _, v in candidates]
+        if any(null):
+            flags = torch.stack([
+                (v < self.null_threshold * v.amax().clamp_min(0)).any() for (_, _, v), n in zip(candidates, null) if n
+            ]).tolist()  # one host sync per refresh
+            it = iter(flags)
+            null = [n and next(it) for n in null]
+        for (i, basis, _), has_null in zip(candidates, null):
+            if has_null:
+                cold.append(i)
+            else:
+                warm.append(i)
+                previous.append(basis)
+        out: list[Any] = [None] * len(mats)
+        for i, res in zip(warm, power_qr_many([mats[i] for i in warm], previous, float64)):
+            out[i] = res
+        for i, e in zip(cold, eigh_many([mats[i] for i in cold], float64)):
+            if e is not None:
+                n = e.eigenvalues.shape[-1]
+                order = torch.arange(n, device=e.eigenvalues.device)
+                out[i] = PowerQRResult(e.eigenvalues.flip(-1), e.eigenvectors.flip(-1), order)
+        return out
 
     def derive(self, u: Unit, eigs: list[EighResult], transform: Transform) -> list[Tensor] | None:
-        return [e.eigenvectors.contiguous() for e in eigs]
+        out = [e.eigenvectors.contiguous() for e in eigs]
+        if self.null_threshold > 0:
+            out += [e.eigenvalues.contiguous() for e in eigs]
+        if self.power_qr:
+            out += [e.order.to(e.eigenvalues.dtype) for e in eigs]  # type: ignore[attr-defined]  # decompose made PowerQRResults
+        return out
+
+    def committed(self, u: Unit) -> None:
+        """``power_qr``: the second moment follows the columns' new order, ``D ← D[…, order_j, …]`` per dimension."""
+        if not self.power_qr:
+            return
+        orders = [u.state.pop(key) for key in u.keys.order]
+        moment = u.state.get(u.keys.moment)
+        if moment is None:
+            return
+        for j, order in enumerate(orders):
+            moment = moment.index_select(j, order.to(device=moment.device, dtype=torch.long))
+        u.state[u.keys.moment] = moment
+
+    def _small(self, u: Unit) -> list[Tensor | None] | None:
+        """Per factor, its directions in the factor's null space (``null_threshold``; None: no such direction
+        known), or None without a threshold."""
+        if self.null_threshold <= 0 or any(key not in u.state for key in u.keys.values):
+            return None
+        out: list[Tensor | None] = []
+        for key in u.keys.values:
+            values = u.state[key]
+            out.append(values < self.null_threshold * values.amax().clamp_min(0))
+        return out
+
+    @staticmethod
+    def _fibres(moment: Tensor, small: list[Tensor | None], mean: bool) -> Tensor:
+        """Each entry of ``moment`` with an index in a factor's null space replaced by the sum (``mean``: the
+        mean) over that null space of its fibre, one dimension after the other: the entries along a null
+        space share the energy of the gradient in it, which no rotation inside it changes."""
+        k = moment.dim()
+        zero = torch.zeros((), dtype=moment.dtype, device=moment.device)
+        for j, mask in enumerate(small):
+            if mask is None:
+                continue
+            where = mask.reshape(*(1,) * j, -1, *(1,) * (k - j - 1))
+            total = torch.where(where, moment, zero).sum(dim=j, keepdim=True)
+            if mean:
+                total = total / mask.sum().clamp_min(1)
+            moment = torch.where(where, total, moment)
+        return moment
+
+    def before_refresh(self, u: Unit) -> None:
+        """``null_threshold``: the second moment along each null space becomes its mean there; entry by entry it
+        belongs to directions that round-off chose, and would otherwise be carried into the refreshed basis."""
+        moment = u.state.get(u.keys.moment)
+        small = None if moment is None else self._small(u)
+        if small is not None:
+            u.state[u.keys.moment] = self._fibres(moment, small, mean=True)  # type: ignore[arg-type]  # not None
+
+    def scale(self, u: Unit, moment: Tensor, transform: Transform) -> Tensor:
+        """``f`` of the second moment, along null spaces shared (``null_threshold``) and floored relative to its
+        largest entry (``relative_eps``)."""
+        top = moment.amax()
+        small = self._small(u)
+        if small is not None:
+            moment = self._fibres(moment, small, mean=False)
+        if self.relative_eps > 0:
+            moment = torch.maximum(moment, top * self.relative_eps**2)
+        return transform.fn(moment)  # type: ignore[attr-defined]  # a spectral transform
 
     def apply(self, u: Unit, x: Tensor, transform: Transform) -> Tensor:
         moment = u.state[u.keys.moment]
         if self.bias_correction:
             moment = moment / (1.0 - self.beta ** u.state[u.keys.moment_updates])
         bases = u.bases()
-        return kron_precondition_exact(x.to(bases[0].dtype), bases, transform.fn(moment))  # type: ignore[attr-defined]  # a spectral transform
+        return kron_precondition_exact(x.to(bases[0].dtype), bases, self.scale(u, moment, transform))
 
     def prepare(self, ctx: GroupStep, units: list[Unit], source: Source) -> list[Unit]:
         """``D ← β D + (1-β) D_new`` for the units with statistics of this step, in their current eigenbasis;
@@ -151,15 +350,29 @@ class Eigenbasis(Form):
         return [u for u in units if u.state.get(u.keys.moment_updates, 0) > 0]
 
 
-def form_of(damping_form: str, spectrum: str, beta: float, bias_correction: bool) -> Form:
+def form_of(
+    damping_form: str,
+    spectrum: str,
+    beta: float,
+    bias_correction: bool,
+    refresh: str = "eigh",
+    null_threshold: float = 0.0,
+    relative_eps: float = 0.0,
+    root_method: str = "eigh",
+    max_iter: int = 100,
+    tol: float = 1e-6,
+) -> Form:
     """The form of a ``kronecker`` structure's configuration (the eigenbasis mode ignores the damping form)."""
     if spectrum == "eigenbasis":
-        return Eigenbasis(beta, bias_correction)
-    return {"exact": Exact, "factored": lambda: Roots(True), "per_factor": lambda: Roots(False)}[damping_form]()
+        return Eigenbasis(beta, bias_correction, refresh, null_threshold, relative_eps)
+    if damping_form == "exact":
+        return Exact()
+    return Roots(damping_form == "factored", root_method, max_iter, tol)
 
 
 class Refresh:
-    """Eigendecomposes units' factors and derives what their form keeps (one result per unit)."""
+    """Decomposes units' factors (as their form says: ``eigh``, or SOAP's power iteration) and derives what
+    their form keeps (one result per unit)."""
 
     def __init__(self, form: Form, accumulation: Accumulation, float64: bool) -> None:
         self.form = form
@@ -169,7 +382,7 @@ class Refresh:
     def __call__(self, units: list[Unit], transform: Transform) -> list[Result]:
         """``(1, tensors in the order of Form.kept)`` per unit, or ``(0, None)`` when it failed."""
         mats = [f for u in units for f in self.accumulation.read(u)]
-        eigs = eigh_many(mats, self.float64)
+        eigs = self.form.decompose(units, mats, self.float64, transform)
         out: list[Result] = []
         start = 0
         for u in units:

@@ -17,6 +17,8 @@ class Keys:
 
     factor: tuple[str, ...]  # one per dimension
     basis: tuple[str, ...]
+    values: tuple[str, ...]  # eigenbasis mode: the factors' eigenvalues (or power-QR estimates) at the last refresh
+    order: tuple[str, ...]  # power-QR refresh: the permutation of the basis columns, until the second moment follows it
     root: tuple[str, ...]
     scale: str
     moment: str
@@ -31,7 +33,7 @@ class Keys:
 
     def own(self) -> list[str]:
         """Every key that holds this unit's own tensors (dropped by processes that do not own it)."""
-        return [*self.factor, *self.basis, *self.root, self.scale, self.moment, self.refreshed, self.failures]
+        return [*self.factor, *self.basis, *self.values, *self.order, *self.root, self.scale, self.moment, self.refreshed, self.failures]
 
 
 def make_keys(key: Callable[[str], str], tag: str, k: int, max_failures: int) -> Keys:
@@ -45,7 +47,7 @@ def make_keys(key: Callable[[str], str], tag: str, k: int, max_failures: int) ->
         key(w) for w in ("updates", "updated_at", "moment_updates", "failures_total")
     )
     return Keys(
-        per_factor("factor"), per_factor("basis"), per_factor("root"), scale, moment, refreshed, failures,
+        per_factor("factor"), per_factor("basis"), per_factor("values"), per_factor("order"), per_factor("root"), scale, moment, refreshed, failures,
         updates, updated_at, moment_updates, total, SpectralCache(failures, total, refreshed, max_failures),
     )
 

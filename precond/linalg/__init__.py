@@ -1,10 +1,13 @@
 """Pure linear-algebra kernels behind precond's structures and transforms.
 
 * :mod:`~precond.linalg.spectral` — robust ``eigh`` (one matrix or many, batched
-  by size), spectral functions, inverse roots, keep-last-good failure counting.
+  by size), SOAP's power-iteration + QR refresh of an eigenbasis, spectral
+  functions, inverse roots, keep-last-good failure counting.
 * :mod:`~precond.linalg.kron` — the Kronecker damping forms (exact spectrum,
   π-adjusted damping, mode products), Shampoo statistics, Distributed-Shampoo
   blocking, KL clip.
+* :mod:`~precond.linalg.newton` — matmul-only matrix functions: Newton–Schulz
+  (Muon's orthogonalization, the polar factor), coupled Newton inverse roots.
 * :mod:`~precond.linalg.cg` — (preconditioned) conjugate gradients with the
   Martens stop rule, Levenberg–Marquardt damping.
 * :mod:`~precond.linalg.quasi_newton` — BFGS/DFP/SR1 updates with guards,
@@ -32,6 +35,7 @@ from precond.linalg.kron import (
     split_into_blocks,
     tracenorm_pi,
 )
+from precond.linalg.newton import NewtonRoot, coupled_newton, inverse_roots_many, newton_schulz, polar
 from precond.linalg.quasi_newton import (
     DampedPair,
     QNUpdate,
@@ -58,6 +62,9 @@ from precond.linalg.spectral import (
     inverse_root,
     matrix_function,
     matrix_power,
+    PowerQRResult,
+    power_qr,
+    power_qr_many,
     robust_eigh,
     symmetrize,
 )
@@ -73,6 +80,9 @@ __all__ = [
     "inverse_root",
     "matrix_function",
     "matrix_power",
+    "PowerQRResult",
+    "power_qr",
+    "power_qr_many",
     "robust_eigh",
     "symmetrize",
     # kron
@@ -88,6 +98,12 @@ __all__ = [
     "shampoo_statistics",
     "split_into_blocks",
     "tracenorm_pi",
+    # newton
+    "NewtonRoot",
+    "coupled_newton",
+    "inverse_roots_many",
+    "newton_schulz",
+    "polar",
     # cg
     "CGResult",
     "cg",

@@ -7,6 +7,9 @@ full matrices) is transformed through its eigendecomposition
 * :func:`robust_eigh` — ``torch.linalg.eigh`` on ``(M + Mᵀ)/2`` that never
   raises: a NaN/Inf input or a solver failure (after one float64 retry) gives
   ``None``; :func:`eigh_many` — the same for many matrices, batched by size.
+* :func:`power_qr` / :func:`power_qr_many` — SOAP's warm-started refresh of an
+  eigenbasis: one power iteration from the previous basis, sorted by its
+  eigenvalue estimates, then a QR decomposition (matrix products and one QR).
 * :func:`floor_eigenvalues` — eigenvalues below round-off raised to it.
 * :func:`matrix_function` — ``Q diag(fn(λ)) Qᵀ``.
 * :func:`matrix_power` / :func:`inverse_root` — ``(M + εI)^q`` and the two
@@ -39,6 +42,9 @@ __all__ = [
     "EighFailureError",
     "SpectralCache",
     "eigh_many",
+    "PowerQRResult",
+    "power_qr",
+    "power_qr_many",
     "floor_eigenvalues",
     "robust_eigh",
     "matrix_function",
@@ -151,6 +157,86 @@ def eigh_many(mats: Sequence[Tensor], float64: bool = False) -> list[EighResult 
             one = robust_eigh(work[n])
             if one is not None:
                 out[i] = EighResult(one.eigenvalues.to(dtype), one.eigenvectors.to(dtype), one.retried)
+    return out
+
+
+class PowerQRResult(NamedTuple):
+    """One warm-started refresh of an eigenbasis (:func:`power_qr`).
+
+    ``eigenvalues`` ``(..., n)``: the estimates ``diag(Oᵀ M O)`` of the previous basis ``O`` against the
+    new matrix, sorted descending; ``eigenvectors`` ``(..., n, n)``: the new basis (columns in that
+    order); ``order`` ``(..., n)`` (int64): the permutation of ``O``'s columns that sorted them, which a
+    second moment kept in ``O``'s coordinates follows (``index_select`` along that dimension).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    order: Tensor
+
+
+def _try_power_qr(mat: Tensor, basis: Tensor) -> PowerQRResult | None:
+    product = mat @ basis
+    estimates = (basis * product).sum(-2)  # diag(Oᵀ M O), without forming Oᵀ M O
+    order = torch.argsort(estimates, dim=-1, descending=True)
+    try:  # M O[:, order] = (M O)[:, order]: one product in all
+        q, _ = torch.linalg.qr(torch.take_along_dim(product, order.unsqueeze(-2), dim=-1))
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        return None
+    values = torch.take_along_dim(estimates, order, dim=-1)
+    if not all_finite([q, values]):
+        return None
+    return PowerQRResult(values, q, order)
+
+
+def power_qr(mat: Tensor, basis: Tensor, *, float64_retry: bool = True) -> PowerQRResult | None:
+    """SOAP's refresh of the eigenbasis ``O`` of a symmetric PSD matrix ``M`` that changed a little.
+
+    Sort ``O``'s columns by the eigenvalue estimates ``diag(Oᵀ M O)``, descending, then one step of
+    simultaneous (orthogonal) iteration: ``Q = qr(M O_sorted).Q``. The descending order makes
+    Gram–Schmidt start from the dominant direction, so the errors of the others contract (an
+    ascending order amplifies them). One matrix product and one Householder QR, no eigendecomposition;
+    an exact eigenbasis comes back up to the signs of its columns. Batched over ``(..., n, n)``.
+
+    Returns ``None`` when an input holds NaN/Inf or the result is not finite (after one float64 retry
+    for other dtypes); results are in ``mat``'s dtype.
+    """
+    if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2] or basis.shape != mat.shape:
+        raise ValueError(f"power_qr expects (..., n, n) matrices of one shape, got {tuple(mat.shape)} and {tuple(basis.shape)}")
+    if not all_finite([mat, basis]):
+        return None
+    out_dtype = mat.dtype
+    work = _working_dtype(out_dtype)
+    res = _try_power_qr(symmetrize(mat.to(work)), basis.to(work))
+    if res is None and float64_retry and work != torch.float64:
+        res = _try_power_qr(symmetrize(mat.double()), basis.double())
+    if res is None:
+        return None
+    return PowerQRResult(res.eigenvalues.to(out_dtype), res.eigenvectors.to(out_dtype), res.order)
+
+
+def power_qr_many(mats: Sequence[Tensor], bases: Sequence[Tensor], float64: bool = False) -> list[PowerQRResult | None]:
+    """:func:`power_qr` of each ``(matrix, previous basis)`` pair, batched over the pairs of equal size; a batch
+    that fails is retried pair by pair, so a bad matrix fails alone (``None``). ``float64``: compute in
+    float64 (results in each input's dtype)."""
+    out: list[PowerQRResult | None] = [None] * len(mats)
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(mats):
+        by_size.setdefault(m.shape[-1], []).append(i)
+    for idx in by_size.values():
+        dtype = mats[idx[0]].dtype
+        work = torch.stack([mats[i] for i in idx])
+        basis = torch.stack([bases[i].to(work.dtype) for i in idx])
+        if float64:
+            work, basis = work.double(), basis.double()
+        res = power_qr(work, basis)
+        if res is not None:
+            for n, i in enumerate(idx):
+                out[i] = PowerQRResult(res.eigenvalues[n].to(dtype), res.eigenvectors[n].to(dtype), res.order[n])
+            continue
+        for n, i in enumerate(idx):
+            one = power_qr(work[n], basis[n])
+            if one is not None:
+                out[i] = PowerQRResult(one.eigenvalues.to(dtype), one.eigenvectors.to(dtype), one.order)
     return out
 
 

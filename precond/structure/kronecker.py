@@ -83,6 +83,11 @@ class Kronecker(Structure):
     is updated on curvature steps from per-row gradients (layer factors, EKFAC)
     or the batch gradient (gradient factors, SOAP), and kept across refreshes.
 
+    Refreshes follow the transform's ``every`` and ``start``; before ``start`` no block is preconditioned
+    (the factors accumulate from step 1): Distributed Shampoo's ``precondition_frequency`` and
+    ``start_preconditioning_step``, with a ``graft`` of the same ``start`` taking the grafted method's own step
+    until then.
+
     Robustness: a factor with NaN/Inf or a failed ``eigh`` (after a float64
     retry) keeps the block's previous preconditioner (none before the first
     success: the direction passes unchanged), counts the failure in the state
@@ -104,6 +109,39 @@ class Kronecker(Structure):
     )
     eigenbasis_beta: float = Field(0.999, ge=0.0, lt=1.0, description="EMA decay of the eigenbasis second moment (eigenbasis only)")
     eigenbasis_bias_correction: bool = Field(True, description="divide the eigenbasis second moment by 1 - beta^n")
+    refresh: Literal["eigh", "power_qr"] = Field(
+        "eigh",
+        description="eigenbasis only: how a refresh finds the basis: eigh of the factors every time, or power_qr (SOAP): "
+        "eigh for the first basis, then one power iteration from the previous basis and a QR decomposition, the second "
+        "moment permuted as the eigenvalue estimates reorder the columns",
+    )
+    null_threshold: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="eigenbasis only: a factor's directions with an eigenvalue below this fraction of its largest (its "
+        "numerical null space, whose basis round-off decides) share their second moment, its sum along that space, "
+        "instead of one each, and such a factor is decomposed again on a power_qr refresh; 0: each its own (official "
+        "SOAP, EKFAC)",
+    )
+    relative_eps: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="eigenbasis only: each entry of the second moment is read at least (relative_eps x the root of its "
+        "largest entry in the block)^2, so components that are round-off next to the block's largest are scaled, not "
+        "normalised one by one; 0: none (official SOAP, EKFAC)",
+    )
+    root_method: Literal["eigh", "coupled_newton"] = Field(
+        "eigh",
+        description="per_factor/factored damping: how the roots (F + damping)^(-1/r) are computed: eigh, or coupled_newton "
+        "(matrix products only, batched by size; float32 unless float64, retried in float64 where it does not converge; "
+        "damping inside and an integer r = p*k only)",
+    )
+    newton_iterations: int = Field(100, ge=1, le=1000, description="coupled_newton: the most iterations")
+    newton_tol: float = Field(
+        1e-6, gt=0.0, lt=1.0, description="coupled_newton: converged when max|M - I| < this (M -> I as X -> the root)"
+    )
     max_dim: int = Field(1024, ge=1, description="gradient factors: dimensions above this are split into blocks")
     merge_dims: bool = Field(False, description="gradient factors: merge neighbouring dimensions while the product stays <= max_dim")
     float64: bool = Field(False, description="eigendecompose in float64")
@@ -122,7 +160,10 @@ class Kronecker(Structure):
 
     def spectral_form(self) -> Form:
         """How a refresh is turned into the preconditioner (:mod:`precond.kron.spectral`)."""
-        return form_of(self.damping_form, self.spectrum, self.eigenbasis_beta, self.eigenbasis_bias_correction)
+        return form_of(
+            self.damping_form, self.spectrum, self.eigenbasis_beta, self.eigenbasis_bias_correction, self.refresh,
+            self.null_threshold, self.relative_eps, self.root_method, self.newton_iterations, self.newton_tol,
+        )
 
     def supports(self, transform: Transform) -> bool:
         return callable(getattr(transform, "kronecker", None)) and self.spectral_form().supports(transform)
@@ -142,13 +183,58 @@ class Kronecker(Structure):
         """Validation, with the recipe (``setup`` checks the same when built without it): the curvature
         must fill these factors. ``(path in the recipe, message)``."""
         problem = self._fill_problem(curvature)
-        return [] if problem is None else [("structure.factors", problem)]
+        out = [] if problem is None else [("structure.factors", problem)]
+        return out + self._mode_problems()
+
+    def _mode_problems(self) -> list[tuple[str, str]]:
+        out = []
+        for field, default in (("refresh", "eigh"), ("null_threshold", 0.0), ("relative_eps", 0.0)):
+            if self.spectrum != "eigenbasis" and getattr(self, field) != default:
+                out.append((
+                    f"structure.{field}",
+                    f"{field}: {getattr(self, field)} acts on the eigenbasis mode only (spectrum: eigenbasis, as SOAP and "
+                    f"EKFAC); with spectrum: {self.spectrum} remove it",
+                ))
+        if self.root_method != "eigh" and (self.spectrum != "factors" or self.damping_form == "exact"):
+            out.append((
+                "structure.root_method",
+                f"root_method: {self.root_method} computes one root per factor (damping_form: per_factor or factored, "
+                f"spectrum: factors); this structure has damping_form: {self.damping_form}, spectrum: {self.spectrum}, "
+                "which need the factors' eigenvectors: use root_method: eigh",
+            ))
+        return out
+
+    def _check_roots(self, served: Served) -> None:
+        """``coupled_newton`` computes ``(F + damping)^(-1/r)`` for an integer ``r = p·s``: refused otherwise, when
+        the optimizer is built (every block's ``s`` is known from the parameters' shapes)."""
+        shares = {1}
+        if self.factors == "gradient":
+            source = GradientSource(self.max_dim, self.merge_dims)
+            shares = {len(b) for p in served.params if p.requires_grad for b in source.partition(p).block_shapes}
+        for t in served.pipeline.transforms:
+            spec = t.kronecker() if t.spectral and callable(getattr(t, "kronecker", None)) else None  # type: ignore[attr-defined]  # checked callable
+            if spec is None:
+                continue
+            root, _, outside = spec
+            bad = sorted(k for k in shares if abs(root * k - round(root * k)) > 1e-9)
+            if outside or bad:
+                raise PipelineError(
+                    f"structure kronecker root_method: coupled_newton computes (F + damping)^(-1/r) for an integer r = p*k, "
+                    f"with the damping inside; transform '{t.name}' has p = {root:g}"
+                    + (f", which gives r = {root * bad[0]:g} for blocks of {bad[0]} factors" if bad else "")
+                    + (" and puts its damping outside the root" if outside else "")
+                    + ": use root_method: eigh, or a p and damping_position: inside that give it"
+                )
 
     def stage(self, served: Served) -> KroneckerStage:
         curvature = served.pipeline.curvature
         problem = self._fill_problem(curvature)
         if problem is not None:
             raise PipelineError(problem)
+        for _, message in self._mode_problems():
+            raise PipelineError(f"structure kronecker: {message}")
+        if self.root_method == "coupled_newton":
+            self._check_roots(served)
         if served.env.comm.sharded and self.factors == "layer" and self.spectrum == "eigenbasis":
             raise PipelineError(
                 "structure kronecker with factors: layer and spectrum: eigenbasis (EKFAC) needs every process's "
@@ -275,9 +361,13 @@ class KroneckerStage(Stage):
         and every process receives every result, so failures are counted identically everywhere."""
         ready = [u for u in units if u.state.get(u.keys.updates, 0) > 0]
         due = transform.due(ctx.step)
-        todo = [u for u in ready if due or u.keys.refreshed not in u.state]
+        # nothing before the transform's start (Distributed Shampoo's start_preconditioning_step): the direction
+        # passes unchanged, the factors accumulate from step 1
+        todo = [u for u in ready if due or u.keys.refreshed not in u.state] if ctx.step >= transform.start else []
         failed = []
         if todo:
+            for u in todo:
+                self.spectral.before_refresh(u)
             ids = set(map(id, todo))
             kept = [self.spectral.kept(u) for u in todo]
             factor64 = any(u.state[u.keys.factor[0]].dtype == torch.float64 for u in todo)
@@ -292,6 +382,8 @@ class KroneckerStage(Stage):
                 derived = None if tensors is None else {key: t.to(like) for (key, _), t in zip(k, tensors)}
                 if u.keys.cache.refresh(u.state, derived, ctx.step):
                     failed.append(u)
+                elif derived is not None:
+                    self.spectral.committed(u)
         live = [u for u in ready if u.keys.refreshed in u.state]
         return self.spectral.prepare(ctx, live, self.source), failed
 

@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from precond.block import DiagonalEstimate, Direction, GroupStep, Transform
+from precond.block import DiagonalEstimate, Direction, GroupStep, Served, Transform
+from precond.errors import PipelineError
 from precond.registry import register
 from precond.structure.diagonal import accumulate_
 from precond.transform.spectral import diagonal_power, float32_damping
@@ -26,6 +27,10 @@ class Graft(Transform):
     Distributed Shampoo's ``AdamGraftingConfig``; momentum belongs in the
     recipe's momentum block, after the graft as in google-research's
     scalable Shampoo). Place it after the spectral transform. ``d = 0`` stays 0.
+
+    Before its ``start`` the direction is ``u`` itself: the grafted method runs alone, as before Distributed
+    Shampoo's ``start_preconditioning_step`` (its statistic is updated from step 1). The spectral transforms
+    of its pipeline must have the same ``start`` (a ``kronecker`` structure preconditions nothing before it).
     """
 
     linear: ClassVar[bool] = False
@@ -64,9 +69,22 @@ class Graft(Transform):
             divisors = [1.0 - self.beta2 ** s[self.key("graft_steps")] for s in ctx.states]
         return diagonal_power(stat, divisors, Direction(list(grads)), 2.0, self.eps, True).materialize().tensors
 
+    def stage(self, served: Served) -> Graft:
+        for i, t in enumerate(served.pipeline.transforms):
+            if t.spectral and t.start != self.start:
+                raise PipelineError(
+                    f"transform 'graft' has start {self.start} and transform {i} '{t.name}' start {t.start}: before the "
+                    "start of the preconditioner the grafted method takes the step alone (Distributed Shampoo's "
+                    "start_preconditioning_step), so both need the same start"
+                )
+        return self
+
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
+        reference = self.reference(ctx)
+        if ctx.step < self.start:  # the grafted method alone
+            return Direction(reference, 1.0, self.source != "sgd")  # sgd's u is the gradient itself: not ours
         d = direction.materialize()
-        ref = torch._foreach_norm(self.reference(ctx))
+        ref = torch._foreach_norm(reference)
         own = torch._foreach_norm(d.tensors)
         factors: list[Any] = [torch.where(n > 0, r / n.clamp_min(torch.finfo(n.dtype).tiny), torch.zeros_like(n)) for r, n in zip(ref, own)]
         torch._foreach_mul_(d.tensors, factors)

@@ -37,34 +37,12 @@ from pydantic import Field
 
 from precond.block import Direction, GroupStep, Served, Transform
 from precond.errors import PipelineError
+from precond.linalg.newton import newton_schulz
 from precond.registry import register
 
+__all__ = ["NewtonSchulz", "newton_schulz", "shape_scale"]  # the kernel lives in precond.linalg.newton
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
-def newton_schulz(
-    x: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype | None
-) -> torch.Tensor:
-    """``NS_steps(x)`` for a matrix ``(A, B)`` or a batch ``(N, A, B)``, in ``dtype`` (None: ``x``'s); the
-    result in ``dtype``. A single matrix runs the same operations in the same order as torch.optim.Muon."""
-    a, b, c = coefficients
-    out = x.to(dtype) if dtype is not None else x.clone()
-    wide = x.size(-2) > x.size(-1)
-    if wide:
-        out = out.mT
-    if out.dim() == 2:
-        out = out.div(out.norm().clamp(min=eps))
-        for _ in range(steps):
-            gram = out @ out.T
-            update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-            out = torch.addmm(out, update, out, beta=a)
-    else:
-        out = out.div(torch.linalg.matrix_norm(out).clamp(min=eps)[:, None, None])
-        for _ in range(steps):
-            gram = out @ out.mT
-            update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            out = torch.baddbmm(out, update, out, beta=a)
-    return out.mT if wide else out
 
 
 def shape_scale(shape: torch.Size, scale: str) -> float:
