@@ -133,19 +133,24 @@ def cpu_autocast_supports(dtype: torch.dtype) -> bool:
         return False
 
 
+EMPIRICAL = {"curvature": {"type": "empirical_fisher"}}  # K-FAC's G from the gradients of the user's backward
+
+
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["kfac", "shampoo"])
+@pytest.mark.parametrize("name", ["kfac", "kfac/empirical", "shampoo"])
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_grad_scaler_unscales_what_it_scaled(name: str, autocast: torch.dtype, unscale_first: bool) -> None:
     """``scaler.scale(loss).backward(); scaler.step(opt)`` under CPU autocast: the same trajectory as a
-    forward-only closure under the same autocast without a scaler (the scale is a power of two)."""
+    forward-only closure under the same autocast without a scaler (the scale is a power of two). Empirical
+    K-FAC's output-gradient factor comes from the scaled backward itself: unscaled by the square of the scale."""
     if not cpu_autocast_supports(autocast):
         pytest.skip(f"CPU autocast has no {autocast}")
-    reference = closure_run(name, 3, autocast=autocast, dtype=torch.float32)
+    recipe, kw = name.split("/")[0], {"set": EMPIRICAL} if name.endswith("empirical") else {}
+    reference = closure_run(recipe, 3, autocast=autocast, dtype=torch.float32, **kw)
     x, y = data(torch.float32)
     net = model(torch.float32)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    opt = precond.build(name, net, likelihood="categorical", grad_scaler=scaler)
+    opt = precond.build(recipe, net, likelihood="categorical", grad_scaler=scaler, **kw)
     for _ in range(3):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=autocast):
