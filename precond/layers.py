@@ -49,8 +49,20 @@ from precond.evaluation import in_inner_backward, inner_backward
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
 
+def transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's layers): ``x @ W + b`` with ``W`` of shape ``(in, out)``, a Linear
+    layer whose weight is stored transposed (recognised by name and shape, without importing transformers)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
 def supported(module: nn.Module) -> str | None:
     """``None`` if K-FAC can handle ``module``, else the reason it cannot."""
+    if transposed_linear(module):
+        return None
     if not isinstance(module, SUPPORTED):
         return f"{type(module).__name__} is not a Linear or Conv2d layer"
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
@@ -69,13 +81,16 @@ class Layer:
     weight: Tensor | None
     bias: Tensor | None
     # sizes, fixed at construction (read several times per step)
+    transposed: bool = field(init=False)
     d_out: int = field(init=False)
     d_in: int = field(init=False)  # input-factor size: the flattened weight row, plus 1 with a bias
     row: int = field(init=False)  # the flattened weight row's length
 
     def __post_init__(self) -> None:
-        self.d_out = self.module.weight.shape[0]
-        self.row = self.module.weight[0].numel()
+        self.transposed = transposed_linear(self.module)  # Hugging Face Conv1D: weight (in, out)
+        shape = self.module.weight.shape
+        self.d_out = shape[1] if self.transposed else shape[0]
+        self.row = shape[0] if self.transposed else self.module.weight[0].numel()
         self.d_in = self.row + (1 if self.bias is not None else 0)
 
     @property
@@ -115,7 +130,8 @@ class Layer:
         ref = self.module.weight
         cols = []
         if self.weight is not None:
-            cols.append((weight if weight is not None else torch.zeros_like(ref)).reshape(self.d_out, -1))
+            w = weight if weight is not None else torch.zeros_like(ref)
+            cols.append(w.T if self.transposed else w.reshape(self.d_out, -1))
         else:
             cols.append(ref.new_zeros(self.d_out, 0))
         if self.bias is not None:
@@ -125,7 +141,7 @@ class Layer:
     def from_matrix(self, v: Tensor) -> tuple[Tensor | None, Tensor | None]:
         w = b = None
         if self.weight is not None:
-            w = v[:, : self.row].reshape(self.weight.shape)
+            w = v[:, : self.row].T if self.transposed else v[:, : self.row].reshape(self.weight.shape)
         if self.bias is not None:
             b = v[:, -1].reshape(self.bias.shape)
         return w, b

@@ -35,14 +35,15 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
 # --- Hugging Face Trainer -----------------------------------------------------------------------------------
 
 
-def tiny_llama():
+def tiny_gpt2():
+    """A tiny GPT-2 built from a config (no download): its Conv1D layers take K-FAC's factors; the tied
+    embedding and the norms follow kfac's Adam fallback. No dropout, so that two runs can be compared."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False,
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).float()
+    return transformers.GPT2LMHeadModel(config).float()
 
 
 def token_rows(n: int = 48, length: int = 12) -> list[dict[str, torch.Tensor]]:
@@ -65,9 +66,12 @@ def test_hugging_face_trainer_equals_the_plain_loop(name: str, tmp_path) -> None
         seen.append({k: v.clone() for k, v in batch.items()})
         return batch
 
-    model = tiny_llama()
+    model = tiny_gpt2()
     start = flat(model)
     opt = build(name, model)
+    if name == "kfac":  # the attention and MLP layers (Hugging Face Conv1D) have Kronecker factors
+        kronecker = {opt.param_info[p].name for g in opt.param_groups if g["rule"] == "default" for p in g["params"]}
+        assert "transformer.h.0.attn.c_attn.weight" in kronecker and "transformer.h.0.mlp.c_fc.weight" in kronecker
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.05 * s)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8, logging_steps=1, report_to=[],
@@ -83,13 +87,14 @@ def test_hugging_face_trainer_equals_the_plain_loop(name: str, tmp_path) -> None
     assert losses[-1] < losses[0]
 
     # the same steps by hand: zero, forward, backward, clip, step, schedule
-    again = tiny_llama()
+    again = tiny_gpt2()
     assert torch.equal(flat(again), start)
     again.train()
     opt2 = build(name, again)
     schedule2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 - 0.05 * s)
     for batch in seen[:STEPS]:
-        again(**batch).loss.backward()
+        # as the Trainer calls a model that takes loss kwargs: the loss summed over the batch's label tokens
+        again(**batch, num_items_in_batch=(batch["labels"] != -100).sum()).loss.backward()
         torch.nn.utils.clip_grad_norm_(again.parameters(), 1.0)
         opt2.step()
         schedule2.step()

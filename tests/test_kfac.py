@@ -678,3 +678,40 @@ def test_unserved_parameters_go_to_the_fallback_whatever_owns_them() -> None:
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D as GPT-2 uses it (transformers.pytorch_utils.Conv1D): y = x @ W + b, W (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf, dtype=D))
+        self.bias = nn.Parameter(torch.zeros(nf, dtype=D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def test_hugging_face_conv1d_layers_are_linear_layers_stored_transposed() -> None:
+    """K-FAC on GPT-2's Conv1D layers equals K-FAC on the same Linear layers (weights transposed), step for step."""
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    conv = nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(3, 7))
+    with torch.no_grad():
+        for c, l in ((conv[0], linear[0]), (conv[2], linear[2])):
+            c.weight.copy_(l.weight.T)
+            c.bias.copy_(l.bias)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 5, generator=g, dtype=D), torch.randint(0, 3, (32,), generator=g)
+    opts = [precond.build("kfac", m, likelihood="categorical") for m in (linear, conv)]
+    assert all(g["rule"] == "default" for g in opts[1].param_groups)  # no layer falls back to Adam
+    for _ in range(4):
+        for m, opt in zip((linear, conv), opts):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    for c, l in ((conv[0], linear[0]), (conv[2], linear[2])):
+        torch.testing.assert_close(c.weight, l.weight.T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c.bias, l.bias, rtol=1e-10, atol=1e-12)
+    assert (conv[0].bias.detach() != 0).any()
