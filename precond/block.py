@@ -51,6 +51,16 @@ class Block(BaseModel):
         torch.distributed such a recipe is refused at build time instead of drifting."""
         return None
 
+    elementwise: ClassVar[bool] = False  # acts on each entry of a parameter alone (then it runs on FSDP2 shards)
+
+    def shard_problem(self) -> str | None:
+        """Why this block cannot run on each process's shards of fully sharded parameters (FSDP2's
+        ``fully_shard``: a process holds some rows of every parameter and of its gradient), None when it works
+        entry by entry (``elementwise``). Such a recipe is refused at build time."""
+        if self.elementwise:
+            return None
+        return f"{self.kind} '{self.name}' works on whole parameters or layers, not entry by entry"
+
     # --- facts for other blocks (precond.interfaces.Facts), checked when a recipe is validated --------
     produces: ClassVar[frozenset[str]] = frozenset()  # facts this block writes into ctx.facts
     consumes: ClassVar[frozenset[str]] = frozenset()  # facts it reads when present
@@ -303,6 +313,11 @@ class Structure(Block):
 
     kind: ClassVar[str] = "structure"
     form: ClassVar[str] = ""
+
+    def shard_problem(self) -> str | None:
+        if self.elementwise:
+            return None
+        return f"structure '{self.name}' keeps a {self.form or self.name} preconditioner of whole parameters or layers"
 
     @property
     def fill(self) -> str:

@@ -29,6 +29,9 @@ from precond.linalg.kron import BlockPartition, block_partition
 
 __all__ = [
     "Comm",
+    "fully_sharded",
+    "is_shard",
+    "local",
     "Ownership",
     "Block",
     "assign_blocks",
@@ -40,6 +43,66 @@ __all__ = [
 ]
 
 Shapes = Mapping[str, Sequence[int]] | Iterable[tuple[str, Sequence[int]]]
+
+try:  # torch.distributed is optional in torch builds (then nothing is a DTensor)
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
+
+# --------------------------------------------------------------------------- fully sharded parameters (FSDP2)
+
+
+def fully_sharded(params: Iterable[torch.Tensor]) -> bool:
+    """Whether any parameter is a ``DTensor`` (``torch.distributed.fsdp.fully_shard``: each process holds a
+    shard of every parameter and of its gradient, rows of dim 0)."""
+    return _DTensor is not None and any(isinstance(p, _DTensor) for p in params)
+
+
+def is_shard(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (its process holds a shard of it)."""
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a ``DTensor`` (a view of its memory: in-place changes reach the ``DTensor``; a new
+    view on each call for a parameter), or ``t`` when it is a plain tensor."""
+    if is_shard(t):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def shard_to_global(value: object, param: torch.Tensor) -> object:
+    """A state tensor of ``param``'s shard (same shape) as a ``DTensor`` laid out as ``param`` (for
+    ``torch.distributed.checkpoint``, which saves each process's rows); anything else unchanged."""
+    if not is_shard(param) or not isinstance(value, torch.Tensor) or is_shard(value):
+        return value
+    shard = local(param)
+    if value.dim() == 0 or value.shape != shard.shape:
+        return value
+    return _DTensor.from_local(
+        value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+def global_to_shard(value: object, param: torch.Tensor) -> object:
+    """The inverse of :func:`shard_to_global`, for loading: a ``DTensor`` state tensor as this process's rows
+    of ``param``'s layout (redistributed if laid out otherwise), a whole plain tensor of ``param``'s shape (a
+    checkpoint of one process) cut to this process's rows; anything else unchanged."""
+    if not is_shard(param) or not isinstance(value, torch.Tensor):
+        return value
+    if is_shard(value):
+        if value.device_mesh != param.device_mesh or tuple(value.placements) != tuple(param.placements):
+            value = value.redistribute(param.device_mesh, param.placements)
+        return value.to_local()
+    shard = local(param)
+    if value.dim() == 0 or value.shape == shard.shape or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
 # --------------------------------------------------------------------------- assignment
@@ -200,13 +263,17 @@ class Comm:
     block; owners compute the eigendecompositions and all ranks receive them),
     ``sharded`` (owners alone keep a block's state and compute its
     preconditioned update; all ranks receive the updates) or ``off`` (act as
-    one process whatever the process group). ``traffic`` counts
+    one process whatever the process group). ``fully_sharded``: the parameters
+    are ``DTensor`` shards (FSDP2); the element-wise recipes then run on each
+    process's shards, the modes do not apply, and the processes agree only on
+    whether a step is skipped (:meth:`agree`). ``traffic`` counts
     the bytes each rank receives, by collective, for the benchmark.
     """
 
-    def __init__(self, mode: str = "replicated", group: object = None) -> None:
+    def __init__(self, mode: str = "replicated", group: object = None, *, fully_sharded: bool = False) -> None:
         d = torch.distributed
-        on = mode != "off" and d.is_available() and d.is_initialized()
+        on = (mode != "off" or fully_sharded) and d.is_available() and d.is_initialized()
+        self.fully_sharded = fully_sharded and on
         self.group = group
         self.world = d.get_world_size(group) if on else 1
         self.rank = d.get_rank(group) if on else 0
@@ -221,7 +288,22 @@ class Comm:
 
     @property
     def sharded(self) -> bool:
-        return self.active and self.mode == "sharded"
+        return self.active and self.mode == "sharded" and not self.fully_sharded
+
+    def agree(self, problem: str | None) -> str | None:
+        """Fully sharded: each process checked its own shards; every process returns the problem of the lowest
+        process that found one (one all-reduce of one integer; the message travels only when there is one)."""
+        if not (self.active and self.fully_sharded):
+            return problem
+        first = torch.tensor([self.rank if problem else self.world], dtype=torch.int64)
+        torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        self._count("all_reduce", 1, 8)
+        src = int(first)
+        if src == self.world:
+            return None
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, group=self.group, group_src=src)
+        return box[0]
 
     def _count(self, kind: str, numel: int, itemsize: int) -> None:
         self.traffic[kind] += numel * itemsize

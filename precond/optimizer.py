@@ -22,14 +22,14 @@ from torch import nn
 
 from precond.block import CurvatureRecord, Direction, Estimate, GroupStep, Needs, PipelineBlocks, Served, Step
 from precond.conventions import recipe_needs
-from precond.distributed import Comm
-from precond.errors import CheckpointError, PipelineError
+from precond.distributed import Comm, fully_sharded, global_to_shard, local, shard_to_global
+from precond.errors import CheckpointError, PipelineError, PrecondError
 from precond.evaluation import CLOSURE, PLAIN, Evaluation, OutputTap, evaluate, math_attention_in_forward
 from precond.guard import Guard
 from precond.interfaces import Environment, ParamInfo, param_info  # noqa: F401  (ParamInfo, param_info: re-exported)
 from precond.likelihood import get_likelihood
 from precond.likelihood_check import OutputGradient, warn_if_mismatch
-from precond.recipe import DEFAULT_RULE, Recipe, fingerprint, rule_of
+from precond.recipe import DEFAULT_RULE, Recipe, builtin_recipes, fingerprint, load_recipe, rule_of
 
 STATE_VERSION = 1
 
@@ -167,9 +167,12 @@ class Optimizer(torch.optim.Optimizer):
             )
         if model is not None:
             _refuse_compiled(model, recipe.name, self.needs)
-        self.comm = Comm(recipe.distributed.mode)
+        # FSDP2 (fully_shard): DTensor parameters; the element-wise recipes run on each process's shards
+        sharded = fully_sharded(p for g in self.param_groups for p in g["params"])
+        self.comm = Comm(recipe.distributed.mode, fully_sharded=sharded)
         self._refuse_distributed_problems(configs)
         self._ranks_checked = False
+        self._shards: dict[int, torch.Tensor] = {}
         self._index: dict[torch.Tensor, int] | None = None
         first = next((p for g in self.param_groups for p in g["params"]), None)
         device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
@@ -356,13 +359,14 @@ class Optimizer(torch.optim.Optimizer):
     def _update(self, ev: Evaluation, step: int) -> str | None:
         """One step of the pipeline; returns what was non-finite (the step then changes nothing) or None."""
         live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._shards = {}  # id of a shard in this step's ctx.params -> its DTensor parameter
         problem = self._check_gradients(live, ev.loss)  # before any state exists or changes
         if problem:
             return problem
         ctxs = [c for c in (self._gather(g, ev, step) for g in self.param_groups) if c.params]
         pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
         if self.comm.active and not self._ranks_checked:
-            self._check_ranks_agree(ctxs)
+            self._check_ranks_agree(ctxs)  # (fully sharded: the parameters that are not DTensors, if any)
         scopes: dict[int, list[torch.Tensor]] = {}
         for ctx, pipe in zip(ctxs, pipes):
             ctx.scope = scopes.setdefault(id(pipe.curvature), [])
@@ -403,7 +407,8 @@ class Optimizer(torch.optim.Optimizer):
                 return f"the loss is {loss.item()}"  # type: ignore[union-attr]  # first is not empty: a loss
             return f"non-finite gradient in {self._name(params[i - len(first)])}"
 
-        return self.guard.check(first + [p.grad for p in params if p.grad is not None], describe)
+        problem = self.guard.check(first + [local(p.grad) for p in params if p.grad is not None], describe)
+        return self.comm.agree(problem) if self.guard.active else problem  # fully sharded: each process saw its shards
 
     def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]]) -> str | None:
         """The fresh estimates, averaged over the processes where they come from local data, then checked.
@@ -417,11 +422,14 @@ class Optimizer(torch.optim.Optimizer):
         ]
         if self.comm.active:
             self.comm.mean_([e.tensor for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.config.structure.fill) for e in est])
+        problem = None
         for ctx, pipe, est in fresh:
             problem = self.guard.check([e.tensor for e in est], lambda i: self._describe_estimate(ctx, pipe, est[i]))  # noqa: B023
             if problem:
-                return problem
-        return None
+                break
+        if self.guard.active and any(est for _, _, est in fresh):  # the same on every process
+            problem = self.comm.agree(problem)
+        return problem
 
     def _describe_estimate(self, ctx: GroupStep, pipe: Pipeline, estimate: Estimate) -> str:
         """``curvature 'x' is non-finite for parameter 'fc1.weight' (Kronecker factor 0 of 2, dims 256)``."""
@@ -433,6 +441,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def _check_updates(self, ctxs: list[GroupStep], pipes: list[Pipeline], directions: list[Direction]) -> str | None:
         """Statistics advanced already (from finite inputs); a non-finite update leaves the parameters."""
+        problem = self._first_bad_update(ctxs, pipes, directions)
+        if self.guard.active and any(pipe.update_may_be_nonfinite() for pipe in pipes):  # the same on every process
+            problem = self.comm.agree(problem)
+        return problem
+
+    def _first_bad_update(self, ctxs: list[GroupStep], pipes: list[Pipeline], directions: list[Direction]) -> str | None:
         for ctx, pipe, d in zip(ctxs, pipes, directions):
             if not self.guard.active or not pipe.update_may_be_nonfinite():
                 continue
@@ -470,10 +484,21 @@ class Optimizer(torch.optim.Optimizer):
     # --- several processes (precond.distributed) -----------------------------------------
 
     def _refuse_distributed_problems(self, configs: dict[str, PipelineBlocks]) -> None:
-        """Under torch.distributed, refuse a recipe with a block that would let the processes drift apart."""
+        """Under torch.distributed, refuse a recipe with a block that would let the processes drift apart, or (fully
+        sharded parameters) one that needs more than each process's shards."""
+        blocks = [self.recipe.step] + [b for config in configs.values() for b in config.blocks()]
+        if self.comm.fully_sharded:
+            problems = [p for p in (b.shard_problem() for b in blocks) if p]
+            if problems:
+                raise PipelineError(
+                    f"recipe '{self.recipe.name}' cannot run on fully sharded parameters (FSDP2, fully_shard): "
+                    + "; ".join(dict.fromkeys(problems)) + ". Element-wise recipes run under fully_shard ("
+                    + ", ".join(_elementwise_recipes()) + "); K-FAC, Shampoo, SOAP, Muon and the other recipes over "
+                    "whole parameters or layers are not supported under FSDP2 yet: use DistributedDataParallel "
+                    "(docs/distributed.md#fully-sharded-fsdp2)"
+                )
         if not self.comm.active:
             return
-        blocks = [self.recipe.step] + [b for config in configs.values() for b in config.blocks()]
         problems = [p for p in (b.distributed_problem() for b in blocks) if p]
         if problems:
             raise PipelineError(
@@ -484,12 +509,17 @@ class Optimizer(torch.optim.Optimizer):
     def _check_ranks_agree(self, ctxs: list[GroupStep]) -> None:
         """Once, on the first step: every process must hold the same parameters and averaged gradients."""
         self._ranks_checked = True
-        params = [p for c in ctxs for p in c.params]
-        local = torch.stack(
-            [torch.stack([t.double().sum(), t.double().square().sum()]) for p, g in zip(params, (g for c in ctxs for g in c.grads)) for t in (p.detach(), g)]
+        pairs = [(p, g) for c in ctxs for p, g in zip(c.params, c.grads)]
+        if self.comm.fully_sharded:  # shards differ by design; plain parameters must still agree
+            pairs = [(p, g) for p, g in pairs if id(p) not in self._shards]
+            if not pairs:
+                return
+        params = [p for p, _ in pairs]
+        mine = torch.stack(
+            [torch.stack([t.double().sum(), t.double().square().sum()]) for p, g in pairs for t in (p.detach(), g)]
         ) if params else torch.zeros(0, 2, dtype=torch.float64)
-        everyone = [torch.empty_like(local) for _ in range(self.comm.world)]
-        torch.distributed.all_gather(everyone, local, group=self.comm.group)
+        everyone = [torch.empty_like(mine) for _ in range(self.comm.world)]
+        torch.distributed.all_gather(everyone, mine, group=self.comm.group)
         for rank, other in enumerate(everyone):
             differ = ((other != everyone[0]) & ~(other.isnan() & everyone[0].isnan())).any(dim=1).nonzero()  # NaN == NaN here
             if len(differ):
@@ -515,8 +545,9 @@ class Optimizer(torch.optim.Optimizer):
             return f"'{info.name}'"
         for i, g in enumerate(self.param_groups):
             for j, q in enumerate(g["params"]):
-                if q is p:
-                    return f"{j} of param group {i}"
+                if q is p or q is self._shards.get(id(p)):  # fully sharded: the steps see each parameter's shard
+                    info = self.param_info.get(q)
+                    return f"'{info.name}'" if info is not None else f"{j} of param group {i}"
         return ""
 
     def _names(self, params: list[torch.Tensor], most: int = 4) -> str:
@@ -544,12 +575,15 @@ class Optimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
+            shard = local(p)  # fully sharded: the steps see this process's rows (a view: in-place updates reach p)
+            if shard is not p:
+                self._shards[id(shard)] = p
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                pipe.init_state(p, state)
-            params.append(p)
-            grads.append(p.grad)
+                pipe.init_state(shard, state)
+            params.append(shard)
+            grads.append(local(p.grad))
             states.append(state)
             steps.append(state["step"] + 1)  # committed once the step is known to be finite
         l2 = pipe.config.decay.objective_l2(float(group.get("weight_decay", 0.0)))
@@ -568,6 +602,11 @@ class Optimizer(torch.optim.Optimizer):
         out = super().state_dict()
         if self.comm.sharded:
             out["state"] = self._gather_state(out["state"])
+        if self.comm.fully_sharded:  # each process's rows as DTensors laid out as their parameters
+            order = [p for g in self.param_groups for p in g["params"]]
+            ids = [i for g in out["param_groups"] for i in g["params"]]
+            of = dict(zip(ids, order))
+            out["state"] = {k: {n: shard_to_global(v, of[k]) for n, v in s.items()} for k, s in out["state"].items()}
         out["precond"] = {
             "version": STATE_VERSION,
             "recipe": self.recipe.name,
@@ -578,6 +617,8 @@ class Optimizer(torch.optim.Optimizer):
             "nonfinite": self.guard.state_dict(),
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
+        if self.comm.fully_sharded:  # torch.distributed.checkpoint's get_optimizer_state_dict keeps only these two
+            out["param_groups"][0]["precond"] = out["precond"]
         return out
 
     def _gather_state(self, local: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
@@ -611,7 +652,7 @@ class Optimizer(torch.optim.Optimizer):
         for key, param in zip(saved, order):
             original = state_dict["state"].get(key)
             if original is not None:
-                self.state[param] = {k: _to_device(v, param.device) for k, v in original.items()}
+                self.state[param] = {k: _to_device(global_to_shard(v, param), param.device) for k, v in original.items()}
         self._index = None
         self.global_step = int(extra["global_step"])
         self._load_generator(extra["generator"], extra.get("generator_device", "cpu"))
@@ -647,6 +688,10 @@ class Optimizer(torch.optim.Optimizer):
                     f"param group {i}: the checkpoint has {len(sg['params'])} parameters, this optimizer has {len(g['params'])}"
                 )
         extra = state_dict.get("precond")
+        if saved_groups and "precond" in saved_groups[0]:  # fully sharded: it travels in the first param group
+            extra = saved_groups[0]["precond"] if extra is None else extra
+            saved_groups = [{k: v for k, v in g.items() if k != "precond"} for g in saved_groups]
+            state_dict = {**state_dict, "param_groups": saved_groups}
         if extra is None:  # a torch.optim state_dict: converted for the recipes that equal one, else refused
             from precond.torch_state import from_torch
 
@@ -676,6 +721,21 @@ class Optimizer(torch.optim.Optimizer):
             if key not in listed:
                 raise CheckpointError(f"the checkpoint holds state for parameter id {key!r}, which no param group lists")
         return state_dict, extra
+
+
+def _elementwise_recipes() -> list[str]:
+    """The built-in recipes whose every block works entry by entry (they run on fully sharded parameters)."""
+    out = []
+    for name in builtin_recipes():
+        try:
+            recipe = load_recipe(name)
+        except PrecondError:  # a broken recipe file on the search path is not this message's business
+            continue
+        subs = [recipe] + [r.recipe for r in recipe.rules]
+        blocks = [recipe.step] + [b for sub in subs for b in pipeline_blocks(sub).blocks()]
+        if all(b.shard_problem() is None for b in blocks):
+            out.append(name)
+    return sorted(out)
 
 
 def _estimates(items: list[Any], n: int) -> list[Estimate]:

@@ -48,6 +48,11 @@ class EmpiricalFisher(Curvature):
     def needs(self) -> Needs:
         return Needs(outputs=True) if self.form == "per_sample" else Needs()
 
+    def shard_problem(self) -> str | None:
+        if self.form == "batch":
+            return None  # g ⊙ g of each shard of the (reduce-scattered, global) gradient
+        return "curvature 'empirical_fisher' with form: per_sample differentiates each sample's loss through the model"
+
     def reduce_estimates(self, fill: str) -> bool:
         # g g^T and Shampoo's Gram matrices come from the (DDP-averaged) gradients; per-sample
         # products and K-FAC's layer factors from this process's batch

@@ -30,6 +30,10 @@ class Hutchinson(Curvature):
 
     fills: ClassVar[frozenset[str]] = frozenset({"diagonal"})
 
+    def shard_problem(self) -> str | None:
+        return ("curvature 'hutchinson' differentiates the gradient again (Hessian-vector products), through "
+                "parameters that fully_shard gathers only for your own forward and backward passes")
+
     distribution: Literal["rademacher", "gaussian"] = Field("rademacher", description="probe distribution")
     samples: int = Field(1, ge=1, description="probes per refresh (averaged)")
     abs: bool = Field(False, description="use |z * Hz| (AdaHessian)")

@@ -39,6 +39,10 @@ class SampledFisher(Curvature):
     fills: ClassVar[frozenset[str]] = frozenset({"diagonal", "full", "kronecker"})
     kronecker_factors: ClassVar[frozenset[str]] = frozenset({"layer"})
 
+    def shard_problem(self) -> str | None:
+        return ("curvature 'sampled_fisher' backpropagates a loss at sampled labels through the model, whose "
+                "parameters fully_shard gathers only for your own forward and backward passes")
+
     samples: int = Field(1, ge=1, description="label draws per refresh")
     form: Literal["batch", "per_sample"] = Field("batch", description="batch gradient at sampled labels, or per sample")
     batch_scale: bool = Field(True, description="batch form: multiply by M (Sophia's B); unbiased for the GGN")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from precond.block import Decay, GroupStep
@@ -11,6 +13,8 @@ from precond.registry import register
 @register("decay", "l2")
 class L2(Decay):
     """``g ← g + wd·θ`` before anything else sees the gradient (torch.optim's ``weight_decay``)."""
+
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
 
     def gradient(self, ctx: GroupStep) -> None:
         wd = ctx.group["weight_decay"]
@@ -24,6 +28,8 @@ class L2(Decay):
 @register("decay", "decoupled")
 class Decoupled(Decay):
     """``θ ← θ·(1 - lr·wd)`` right before the update (AdamW, AdaHessian, Sophia)."""
+
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
 
     def parameters(self, ctx: GroupStep) -> None:
         wd = ctx.group["weight_decay"]

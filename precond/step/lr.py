@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
@@ -37,6 +39,8 @@ class LR(Step):
 
     ``lr`` is read from the param group on every step, so LR schedulers work.
     """
+
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
 
     lr_decay: float = Field(0.0, ge=0.0, description="Adagrad-style decay: lr / (1 + (t-1) lr_decay)")
 

@@ -6,7 +6,7 @@ Sophia); ``post`` averages the preconditioned direction (K-FAC).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -20,6 +20,8 @@ class HeavyBall(Momentum):
 
     Exactly torch.optim.SGD's momentum; ``beta: 0`` keeps no state at all.
     """
+
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
 
     beta: float = Field(0.9, ge=0.0, description="momentum factor μ; the param-group value 'momentum' (schedulers such as OneCycleLR change it)")
     dampening: float = Field(0.0, ge=0.0, le=1.0, description="dampening for momentum")
@@ -59,6 +61,8 @@ class EMA(Momentum):
     ``nesterov``: the output is ``(1 - β) d + β m`` instead (``d.lerp(m, β)``: torch.optim.Muon's and
     Keller Jordan's Nesterov form), with ``m/(1 - βᵗ)`` in place of ``m`` when ``bias_correction`` is on.
     """
+
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
 
     beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay β₁; the param-group value 'momentum' (schedulers such as OneCycleLR change it)")
     bias_correction: bool = Field(True, description="divide by 1 - β^t")

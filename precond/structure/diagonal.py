@@ -35,6 +35,7 @@ class Diagonal(Structure):
     """
 
     form: ClassVar[str] = "diagonal"
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
 
     accumulate: Literal["sum", "ema"] = Field("ema", description="sum (Adagrad) or exponential moving average (Adam)")
     beta: float = Field(0.999, ge=0.0, lt=1.0, description="EMA decay (ema only)")

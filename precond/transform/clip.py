@@ -28,6 +28,12 @@ class Clip(Transform):
     def keeps_finite(self, form: str, nonnegative: bool) -> bool:
         return True
 
+    def shard_problem(self) -> str | None:
+        if self.mode == "elementwise":
+            return None
+        whole = "param group" if self.mode == "norm" else "parameter"
+        return f"transform 'clip' with mode: {self.mode} needs each {whole}'s whole norm"
+
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         d = direction.materialize()
         if self.mode == "elementwise":

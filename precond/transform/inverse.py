@@ -22,6 +22,7 @@ class Inverse(Transform):
     """
 
     spectral: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
     solves: ClassVar[bool] = True
     consumes: ClassVar[frozenset[str]] = frozenset({"damping"})  # step 'lm''s adapted damping takes the field's place
 

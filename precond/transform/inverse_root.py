@@ -17,6 +17,7 @@ class InverseRoot(Transform):
     """``f(λ) = (λ + ε)^(-1/p)`` (damping inside) or ``1 / (λ^(1/p) + ε)`` (outside, as Adam and Adagrad)."""
 
     spectral: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True  # entry by entry: runs on FSDP2 shards
 
     p: float = Field(
         2.0,

@@ -1,0 +1,354 @@
+"""precond under FSDP2 (``torch.distributed.fsdp.fully_shard``) on gloo: 2 CPU processes against one process.
+
+The element-wise recipes run on each process's shards of the DTensor parameters: 2 processes under fully_shard
+equal one process without it on the global batch; the recipes that need whole parameters or layers are refused
+at build, naming what works (docs/distributed.md#fully-sharded-fsdp2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import precond
+from precond.errors import PipelineError
+from precond.recipe import load_recipe
+
+STEPS = 10
+GLOBAL_BATCH = 16
+WORLD = 2
+# label: (recipe, build keywords, plain loop (else a closure))
+CASES: dict[str, tuple[str, dict, bool]] = {
+    "adam": ("adam", {"lr": 0.01}, True),
+    "adam/closure": ("adam", {"lr": 0.01}, False),
+    "adamw": ("adamw", {"lr": 0.01, "weight_decay": 0.1}, True),
+    "adam/amsgrad+l2": ("adam", {"lr": 0.01, "weight_decay": 0.01, "set": {"structure.amsgrad": True}}, True),
+    "sgd": ("sgd", {"lr": 0.05, "set": {"momentum.beta": 0.9, "momentum.nesterov": True}}, True),
+    "adagrad": ("adagrad", {"lr": 0.05}, True),
+}
+REFUSED = ("kfac", "shampoo", "soap", "muon", "natural_gradient", "psgd_kron", "sophia_g", "sophia_h", "adahessian", "lbfgs")
+RESUME = "adam"  # opt.state_dict() at step STEPS // 2 on every process, loaded into a fresh optimizer
+
+
+def _model() -> nn.Module:
+    """Rows that do not split evenly over 2 processes (5 and its bias: shards of 3 and 2 rows)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5), nn.Tanh(), nn.Linear(5, 4))
+
+
+def _shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    return fully_shard(model)
+
+
+def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def _build(label: str, model: nn.Module) -> precond.Optimizer:
+    recipe, kw, _ = CASES[label]
+    return precond.build(recipe, model, **kw)
+
+
+def _steps(model: nn.Module, opt: precond.Optimizer, label: str, rank: int, world: int, start: int, stop: int) -> None:
+    per = GLOBAL_BATCH // world
+    for x, y in _data()[start:stop]:
+        xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        if CASES[label][2]:
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            opt.step()
+        else:
+            def closure(xs: torch.Tensor = xs, ys: torch.Tensor = ys) -> tuple[torch.Tensor, torch.Tensor]:
+                out = model(xs)
+                return F.cross_entropy(out, ys), out
+
+            opt.step(closure)
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter whole (a collective under fully_shard)."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+
+
+def _state_bytes(opt: precond.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def _dcp_resume(model: nn.Module, opt: precond.Optimizer, path: str) -> None:
+    """Load a torch.distributed.checkpoint written by any number of processes into ``model`` and ``opt``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        results: dict[str, dict] = {}
+        if resume_from is not None:  # another number of processes: resume the DCP checkpoint and stop
+            model = _shard(_model())
+            opt = _build(RESUME, model)
+            _dcp_resume(model, opt, f"{resume_from}/dcp")
+            _steps(model, opt, RESUME, rank, world, STEPS // 2, STEPS)
+            torch.save({"dcp": {"params": _full(model), "global_step": opt.global_step}}, f"{tmp}/rank{rank}.pt")
+            return
+        for label in CASES:
+            model = _shard(_model())
+            opt = _build(label, model)
+            _steps(model, opt, label, rank, world, 0, STEPS)
+            results[label] = {
+                "params": _full(model), "traffic": dict(opt.comm.traffic), "calls": dict(opt.comm.calls),
+                "state_bytes": _state_bytes(opt), "local_types": sorted({type(v).__name__ for s in opt.state.values() for v in s.values()}),
+            }
+        # a checkpoint half-way: each process saves its own shards of the model and of the optimizer state
+        model = _shard(_model())
+        opt = _build(RESUME, model)
+        _steps(model, opt, RESUME, rank, world, 0, STEPS // 2)
+        ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+        model, opt = _shard(_model()), None
+        opt = _build(RESUME, model)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        _steps(model, opt, RESUME, rank, world, STEPS // 2, STEPS)
+        results["resume"] = {"params": _full(model), "global_step": opt.global_step}
+        # a checkpoint of one process without FSDP (whole tensors) loads into the shards: each process takes its rows
+        plain = _model()
+        opt = _build(RESUME, plain)
+        _steps(plain, opt, RESUME, 0, 1, 0, STEPS // 2)
+        whole = opt.state_dict()
+        model = _shard(plain)  # the trained parameters, now sharded
+        opt = _build(RESUME, model)
+        opt.load_state_dict(whole)
+        _steps(model, opt, RESUME, rank, world, STEPS // 2, STEPS)
+        results["from one"] = {"params": _full(model), "global_step": opt.global_step}
+        # torch.distributed.checkpoint: every process writes its rows; resumed here, at 1 and at 4 processes
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model = _shard(_model())
+        opt = _build(RESUME, model)
+        _steps(model, opt, RESUME, rank, world, 0, STEPS // 2)
+        saved = get_optimizer_state_dict(model, opt)
+        results["dcp:saved"] = {"types": sorted({type(v).__name__ for s in saved["state"].values() for v in s.values()})}
+        dcp.save({"model": get_model_state_dict(model), "optim": saved}, checkpoint_id=f"{tmp}/dcp")
+        model = _shard(_model())
+        opt = _build(RESUME, model)
+        _dcp_resume(model, opt, f"{tmp}/dcp")
+        _steps(model, opt, RESUME, rank, world, STEPS // 2, STEPS)
+        results["dcp"] = {"params": _full(model), "global_step": opt.global_step}
+        # a NaN in one process's shard of one gradient: every process skips the step, with the same message
+        model = _shard(_model())
+        opt = _build("adam", model)
+        before = _full(model)
+        per = GLOBAL_BATCH // world
+        x, y = _data()[0]
+        F.cross_entropy(model(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per]).backward()
+        if rank == 1:  # (at 4 processes the last one holds no row of this weight: 5 rows as 2, 2, 1, 0)
+            model[2].weight.grad.to_local()[0, 0] = float("nan")
+        opt.step()
+        results["nan"] = {"step": opt.global_step, "skipped": opt.guard.skipped, "last": opt.guard.last,
+                          "unchanged": _max_diff(_full(model), before) == 0.0}
+        for recipe in REFUSED:
+            try:
+                precond.build(recipe, _shard(_model()), likelihood="categorical")
+                results[f"refused:{recipe}"] = {"error": None}
+            except PipelineError as exc:
+                results[f"refused:{recipe}"] = {"error": str(exc)}
+        torch.save(results, f"{tmp}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp: Path, resume_from: Path | None = None) -> list[dict]:
+    mp.start_processes(_worker, args=(world, str(tmp), None if resume_from is None else str(resume_from)),
+                       nprocs=world, join=True, start_method="spawn")
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    return tmp, _spawn(WORLD, tmp)
+
+
+@pytest.fixture(scope="module")
+def ranks(two: tuple[Path, list[dict]]) -> list[dict]:
+    return two[1]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, dict]:
+    """One process without fully_shard, on the global batch."""
+    out = {}
+    for label in CASES:
+        model = _model()
+        opt = _build(label, model)
+        _steps(model, opt, label, 0, 1, 0, STEPS)
+        out[label] = {"params": [p.detach().clone() for p in model.parameters()], "state_bytes": _state_bytes(opt)}
+        assert not opt.comm.active and not opt.comm.fully_sharded
+    return out
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_fully_sharded_equals_one_process_on_the_global_batch(ranks: list[dict], reference: dict, label: str) -> None:
+    start = [p.detach() for p in _model().parameters()]
+    assert _max_diff(reference[label]["params"], start) > 1e-3  # the steps moved the parameters
+    for r in ranks:
+        assert _max_diff(r[label]["params"], reference[label]["params"]) <= 1e-6
+    # the state is each process's shards: plain tensors, about half of one process's state
+    total = sum(r[label]["state_bytes"] for r in ranks)
+    assert total == reference[label]["state_bytes"]
+    assert all(r[label]["state_bytes"] < 0.6 * reference[label]["state_bytes"] for r in ranks)
+    assert ranks[0][label]["local_types"] in (["Tensor", "int"], ["Tensor", "int", "float"], ["int"], ["Tensor"])
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_no_communication_beyond_fsdps_own_but_the_skip_verdict(ranks: list[dict], label: str) -> None:
+    # the element-wise state needs nothing from the other processes; the processes agree once per step whether
+    # a step is skipped (one all-reduce of one int64): each process checked only its own shards for NaN/Inf
+    for r in ranks:
+        assert r[label]["traffic"] == {"all_reduce": 8 * STEPS}
+        assert r[label]["calls"] == {"all_reduce": STEPS}
+
+
+def test_a_checkpoint_of_the_shards_resumes_identically(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert r["resume"]["global_step"] == STEPS
+        assert _max_diff(r["resume"]["params"], r[RESUME]["params"]) == 0.0
+
+
+def test_a_one_process_checkpoint_loads_into_the_shards(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert r["from one"]["global_step"] == STEPS
+        assert _max_diff(r["from one"]["params"], r[RESUME]["params"]) <= 1e-6
+
+
+def test_a_dcp_checkpoint_resumes_at_two_and_at_one_process(two: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    """get_optimizer_state_dict/set_optimizer_state_dict with dcp.save/load: the state travels as DTensors laid out
+    as the parameters (each process writes its rows), precond's own section in the first param group."""
+    ranks = two[1]
+    for r in ranks:
+        assert r["dcp:saved"]["types"] == ["DTensor", "int"]
+        assert r["dcp"]["global_step"] == STEPS
+        assert _max_diff(r["dcp"]["params"], r[RESUME]["params"]) == 0.0  # same processes: bit for bit
+    (one,) = _spawn(1, tmp_path, resume_from=two[0])  # fully_shard on one process: every row here
+    assert one["dcp"]["global_step"] == STEPS
+    assert _max_diff(one["dcp"]["params"], ranks[0][RESUME]["params"]) <= 1e-6
+
+
+def test_a_nan_in_one_process_shard_skips_the_step_on_every_process(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert r["nan"] == ranks[0]["nan"]
+        assert r["nan"]["step"] == 0 and r["nan"]["skipped"] == 1 and r["nan"]["unchanged"]
+        assert r["nan"]["last"] == "step 1: non-finite gradient in parameter '2.weight'"
+
+
+@pytest.mark.parametrize("recipe", REFUSED)
+def test_recipes_over_whole_parameters_are_refused_naming_what_works(ranks: list[dict], recipe: str) -> None:
+    for r in ranks:
+        error = r[f"refused:{recipe}"]["error"]
+        assert error is not None and error == ranks[0][f"refused:{recipe}"]["error"]
+        assert f"recipe '{recipe}' cannot run on fully sharded parameters (FSDP2, fully_shard)" in error
+        assert "Element-wise recipes run under fully_shard (adagrad, adam, adamw, sgd)" in error
+        assert "use DistributedDataParallel" in error
+
+
+def test_refusals_say_which_block_and_why(ranks: list[dict]) -> None:
+    errors = {recipe: ranks[0][f"refused:{recipe}"]["error"] for recipe in REFUSED}
+    assert "structure 'kronecker' keeps a kronecker preconditioner of whole parameters or layers" in errors["shampoo"]
+    assert "transform 'newton_schulz'" in errors["muon"]
+    assert "curvature 'sampled_fisher'" in errors["kfac"] and "curvature 'sampled_fisher'" in errors["sophia_g"]
+    assert "curvature 'hutchinson' differentiates the gradient again" in errors["adahessian"]
+    assert "structure 'full'" in errors["natural_gradient"]
+    assert "step 'line_search'" in errors["lbfgs"]
+
+
+def test_elementwise_declarations() -> None:
+    """Blocks declare whether they work entry by entry (Block.elementwise / shard_problem); the defaults refuse."""
+    from precond.optimizer import _elementwise_recipes
+
+    assert _elementwise_recipes() == ["adagrad", "adam", "adamw", "sgd"]
+    sophia = load_recipe("sophia_g")  # only its curvature needs more than the shards: a second pass through the model
+    assert sophia.structure.shard_problem() is None and all(t.shard_problem() is None for t in sophia.transform)
+    assert sophia.curvature.shard_problem() is not None
+    assert load_recipe("adam", set={"curvature.form": "per_sample"}).curvature.shard_problem() is not None
+    assert load_recipe("sgd", set={"transform": {"type": "clip", "mode": "norm"}}).transform[0].shard_problem() is not None
+
+
+@pytest.mark.slow
+def test_four_processes_equal_one_process(tmp_path: Path, reference: dict, two: tuple[Path, list[dict]]) -> None:
+    """The same cases at 4 processes (~60 s on 2 cores): every process holds a quarter of the rows; the DCP
+    checkpoint of 2 processes resumes at 4."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "resume").mkdir()
+    ranks = _spawn(4, tmp_path / "run")
+    resumed = _spawn(4, tmp_path / "resume", resume_from=two[0])
+    for r in resumed:
+        assert _max_diff(r["dcp"]["params"], two[1][0][RESUME]["params"]) <= 1e-6
+    for label in CASES:
+        for r in ranks:
+            assert _max_diff(r[label]["params"], reference[label]["params"]) <= 1e-6
+        assert sum(r[label]["state_bytes"] for r in ranks) == reference[label]["state_bytes"]
+    assert all(r["nan"]["skipped"] == 1 and r["nan"]["unchanged"] for r in ranks)
+
+
+def _hsdp_worker(rank: int, world: int, tmp: str) -> None:
+    """HSDP: fully_shard over a 2-D mesh, 2 replicas of 2 shards each."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        results = {}
+        for label in ("adam", "sgd"):
+            model = _model()
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = _build(label, model)
+            _steps(model, opt, label, rank, world, 0, STEPS)
+            results[label] = {"params": _full(model), "traffic": dict(opt.comm.traffic)}
+        torch.save(results, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_hsdp_equals_one_process(tmp_path: Path, reference: dict) -> None:
+    """Replicas x shards (~45 s): each process updates its rows; FSDP all-reduces the gradients across replicas."""
+    mp.start_processes(_hsdp_worker, args=(4, str(tmp_path)), nprocs=4, join=True, start_method="spawn")
+    for r in range(4):
+        results = torch.load(tmp_path / f"rank{r}.pt")
+        for label in ("adam", "sgd"):
+            assert _max_diff(results[label]["params"], reference[label]["params"]) <= 1e-6
+            assert results[label]["traffic"] == {"all_reduce": 8 * STEPS}
