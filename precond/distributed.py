@@ -295,7 +295,8 @@ class Comm:
         process that found one (one all-reduce of one integer; the message travels only when there is one)."""
         if not (self.active and self.fully_sharded):
             return problem
-        first = torch.tensor([self.rank if problem else self.world], dtype=torch.int64)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend(self.group) == "nccl" else None
+        first = torch.tensor([self.rank if problem else self.world], dtype=torch.int64, device=device)  # NCCL: on the GPU
         torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN, group=self.group)
         self._count("all_reduce", 1, 8)
         src = int(first)
