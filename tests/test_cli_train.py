@@ -226,11 +226,14 @@ def test_default_set_follows_the_builtin_recipes(tmp_path: Path) -> None:
     available = builtin_recipes()
     expected = [n for n in cli.DEFAULT_SET if n in available]
     assert cli.default_set() == expected and expected[0] == "adam"
+    assert {"adam", "kfac", "shampoo_grafted", "soap", "sophia_g"} <= set(expected)
+    assert ("muon" in expected) == ("muon" in available)  # muon joins once recipes/muon.yaml exists
     out = tmp_path / "dflt"
     res = invoke("compare", "--short", "--steps", "4", "--seeds", "0", "--out", str(out), "--no-progress")
     assert res.exit_code == 0, res.output
     data = json.loads((out / "compare.json").read_text())
-    assert data["task"] == cli.DEFAULT_TASK == "digits-autoencoder"
+    assert data["task"] == cli.DEFAULT_TASK == "mnist-autoencoder"
+    assert data["runs"][0]["config"]["threads"] == data["runs"][0]["config"]["task"]["threads_hint"]
     assert sorted(r["label"] for r in data["rows"]) == sorted(expected)
     assert all(r["status"] == "ok" for r in data["rows"]), data["rows"]
 
@@ -253,5 +256,6 @@ def test_compare_skips_a_recipe_that_cannot_run_on_the_task(tmp_path: Path) -> N
 def test_tasks_command() -> None:
     res = invoke("tasks")
     assert res.exit_code == 0, res.output
-    for name in ("digits-mlp", "digits-autoencoder", "logistic", "tiny-lm", "rosenbrock"):
+    for name in ("digits-mlp", "digits-autoencoder", "logistic", "tiny-lm", "rosenbrock", "mnist-autoencoder",
+                 "mnist-cnn", "char-lm"):
         assert name in res.output

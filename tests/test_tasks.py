@@ -26,7 +26,8 @@ from precond.tasks import (
     unregister_task,
 )
 
-BUILTIN = ["digits-autoencoder", "digits-mlp", "logistic", "rosenbrock", "tiny-lm"]
+BUILTIN = ["char-lm", "digits-autoencoder", "digits-mlp", "logistic", "mnist-autoencoder", "mnist-cnn", "rosenbrock",
+           "tiny-lm"]
 
 # outputs shape for the first training batch of each task (short mode)
 OUTPUT_SHAPES = {
@@ -35,6 +36,9 @@ OUTPUT_SHAPES = {
     "logistic": (427, 2),
     "tiny-lm": (32, 32, 96),
     "rosenbrock": (2,),
+    "mnist-autoencoder": (250, 784),
+    "mnist-cnn": (64, 10),
+    "char-lm": (16, 64, 96),
 }
 
 

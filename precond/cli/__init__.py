@@ -1,6 +1,6 @@
 """The ``precond`` command line: ``precond train``, ``compare``, ``tasks``, ``build``, ``list``, ``show``, ``schema``.
 
-It needs the ``cli`` extra (``pip install 'precond[cli]'``: typer, rich, scikit-learn, matplotlib); the
+It needs the ``cli`` extra (``pip install 'precond[cli]'``: typer, rich, scikit-learn, matplotlib, mlxtend); the
 library does not. This module holds only the console script's entry point, :func:`main`, so that it
 imports without the extra and says what to install. The commands live in
 :mod:`precond.cli.commands` (the typer app), with their options in :mod:`~precond.cli.options`, the
@@ -15,7 +15,7 @@ import sys
 from typing import Any, NoReturn
 
 # what `pip install 'precond[cli]'` adds (click: typer's, in the typer versions that do not bundle it)
-EXTRA_MODULES = ("typer", "rich", "click", "sklearn", "matplotlib", "numpy")
+EXTRA_MODULES = ("typer", "rich", "click", "sklearn", "matplotlib", "numpy", "mlxtend")
 INSTALL_HINT = "the precond command line needs its extra: pip install 'precond[cli]'"
 EXIT_MISSING_EXTRA = 1
 

@@ -29,6 +29,7 @@ from precond.cli.options import (
     Short,
     Task,
     Threads,
+    TimeBudget,
     TrainOptions,
     comma_floats,
     comma_ints,
@@ -37,12 +38,15 @@ from precond.cli.output import EXIT_USAGE, console, console_out, err, fail, show
 from precond.cli.recipes import (
     DEFAULT_SET,
     RecipeFactory,
+    TorchFactory,
     _load,
+    _load_torch,
     _task,
     _unbuildable,
     _unique_label,
     _write_recipe,
     default_set,
+    split_scoped_set,
 )
 from precond.cli.report import _fmt_lr, _target_text, compare_markdown, verdict
 from precond.errors import PrecondError
@@ -233,8 +237,9 @@ def train(
         Optional[float], typer.Option("--lr", help="learning rate [default: --set lr=, else the task's hint]")
     ] = None,
     short: Short = False,
-    threads: Threads = 1,
+    threads: Threads = None,
     eval_every: EvalEvery = None,
+    time_budget: TimeBudget = None,
     stop_at_target: Annotated[
         bool, typer.Option("--stop-at-target", help="stop at the first evaluation that reaches the target")
     ] = False,
@@ -256,8 +261,8 @@ def train(
 
     options = TrainOptions(
         task=task, steps=steps, out=out, short=short, threads=threads, eval_every=eval_every,
-        stop_at_target=stop_at_target, dtype=dtype, progress=progress, recipe=recipe, seed=seed,
-        set_=tuple(set_ or ()), lr=lr,
+        stop_at_target=stop_at_target, dtype=dtype, progress=progress, time_budget=time_budget, recipe=recipe,
+        seed=seed, set_=tuple(set_ or ()), lr=lr,
     )
     if nproc > 1 and not launched():
         raise typer.Exit(launch(nproc, sys.argv[1:]))
@@ -287,7 +292,8 @@ def _train_here(options: TrainOptions, rank: Optional[int]) -> None:
     try:
         result = run_train(
             factory, instance.name, seed=options.seed, out_dir=None if rank else out_dir, label=factory.label,
-            config=config, console=err, distributed=rank is not None, **options.runner_kwargs(),
+            config=config, console=err, distributed=rank is not None,
+            **{**options.runner_kwargs(), "threads": options.threads_for(instance)},
         )
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/]; results so far in {escape(str(out_dir))}", highlight=False)
@@ -308,7 +314,8 @@ def _train_here(options: TrainOptions, rank: Optional[int]) -> None:
             f"({result.time_to_target_s:.3g} s of training)"
         )
     else:
-        con.print(f"did not reach the target {_target_text(result)} in {result.steps_done} steps")
+        con.print(f"did not reach the target {_target_text(result)} in {result.steps_done} steps "
+                  f"({result.wall_time_s:.3g} s of training)")
     con.print(f"wrote {escape(str(out_dir))}/: metrics.json, curve.csv, curve.png, recipe.yaml")
     if result.status == "diverged":
         err.print(
@@ -328,7 +335,10 @@ def _train_here(options: TrainOptions, rank: Optional[int]) -> None:
 def compare(
     recipes: Annotated[
         Optional[list[str]],
-        typer.Argument(help=f"recipe names or YAML files [default: {', '.join(DEFAULT_SET)}, those built in]"),
+        typer.Argument(
+            help="recipe names, YAML files or torch.optim.Optimizer classes by import path (torch.optim.AdamW, "
+            f"stepped by the plain loop) [default: {', '.join(DEFAULT_SET)}, those built in]"
+        ),
     ] = None,
     task: Task = DEFAULT_TASK,
     steps: Annotated[
@@ -354,9 +364,17 @@ def compare(
         ),
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="every built-in recipe")] = False,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="override: key=value for every recipe, CONTENDER:key=value for one (e.g. "
+            "torch.optim.AdamW:weight_decay=0.1, kfac:curvature.every=5); repeatable",
+        ),
+    ] = None,
     short: Short = False,
-    threads: Threads = 1,
+    threads: Threads = None,
     eval_every: EvalEvery = None,
+    time_budget: TimeBudget = None,
     stop_at_target: Annotated[
         bool, typer.Option("--stop-at-target", help="stop each run at its first evaluation reaching the target")
     ] = False,
@@ -365,26 +383,31 @@ def compare(
 ) -> None:
     """Compare recipes on one task and the same seeds, interleaved step by step: a ranked table and one plot.
 
-    Learning rates: the task's hint for each recipe (see precond tasks); --lr-grid searches around it.
+    Learning rates: the task's hint for each recipe (see precond tasks); --lr-grid searches around it. A torch
+    optimizer class gets --set CLASS:lr=, else the task's hint for its lower-case name, else its own default.
 
     Exit status: 0 when the comparison completes (runs that diverged or failed are rows of the table); 2 invalid recipe, task or option; 130 interrupted.
     """
     options = RunOptions(
         task=task, steps=steps, out=out, short=short, threads=threads, eval_every=eval_every,
-        stop_at_target=stop_at_target, dtype=dtype, progress=progress,
+        stop_at_target=stop_at_target, dtype=dtype, progress=progress, time_budget=time_budget,
     )
     seed_list: list[int] = seeds  # type: ignore[assignment]  # comma_ints parsed it
     grid = lr_multipliers if lr_multipliers else (True if lr_grid else None)
     names = list(recipes or [])
     if all_:
         names += [n for n in builtin_recipes() if n not in names]
-    _compare_here(names, options, seed_list, grid)
+    _compare_here(names, options, seed_list, grid, list(set_ or []))
 
 
-def _compare_here(names: list[str], options: RunOptions, seeds: list[int], grid: Optional[list[float] | bool]) -> None:
-    """`precond compare`: the recipes ``names`` (none: the default set) on the same task and seeds."""
+def _compare_here(
+    names: list[str], options: RunOptions, seeds: list[int], grid: Optional[list[float] | bool],
+    set_: Optional[list[str]] = None,
+) -> None:
+    """`precond compare`: the contenders ``names`` (none: the default set) on the same task and seeds."""
     from precond.training import render_table
     from precond.training import compare as run_compare
+    from precond.training.factories import is_optimizer_path
     from precond.training.files import slug
 
     default = not names
@@ -392,16 +415,23 @@ def _compare_here(names: list[str], options: RunOptions, seeds: list[int], grid:
         names = default_set()
     try:
         instance = _task(options.task, seeds[0], options.short, options.dtype.torch)
-        factories: dict[str, RecipeFactory] = {}
+        common, scoped = split_scoped_set(list(set_ or []), names)
+        factories: dict[str, RecipeFactory | TorchFactory] = {}
         for spec in names:
-            factory = _load(spec, {}, instance, None)
+            if is_optimizer_path(spec) and spec not in builtin_recipes():
+                factory = _load_torch(spec, parse_set(scoped.get(spec, [])), instance)
+            else:
+                factory = _load(spec, parse_set(common + scoped.get(spec, [])), instance, None)
             factory.label = _unique_label(factory.label, set(factories), spec)
             factories[factory.label] = factory
     except (PrecondError, ValueError) as exc:
         fail(exc)
     if default:
         err.print(f"comparing the default set on {instance.name}: {', '.join(factories)}", highlight=False)
-    skipped = _unbuildable(factories, instance)
+    try:
+        skipped = _unbuildable(factories, instance)
+    except ValueError as exc:  # a torch optimizer that refuses the model's parameters, with the reason
+        fail(exc)
     for label, reason in skipped.items():
         del factories[label]
         err.print(f"[yellow]skipped {escape(label)}[/]: it cannot run on {instance.name}: {escape(reason)}",
@@ -412,15 +442,21 @@ def _compare_here(names: list[str], options: RunOptions, seeds: list[int], grid:
     config = {
         "command": "compare",
         "default_set": default,
-        "recipes": {label: f.recipe.to_dict() for label, f in factories.items()},
+        "recipes": {label: f.recipe.to_dict() for label, f in factories.items() if f.recipe is not None},
+        "torch_optimizers": {label: f.describe() for label, f in factories.items() if isinstance(f, TorchFactory)},
+        "set": list(set_ or []),
         "lr_reasons": {label: f.lr_reason for label, f in factories.items()},
         "skipped": skipped,
         "short": options.short,
     }
+    threads = options.threads_for(instance)
+    if default or options.threads is None:
+        err.print(f"threads: {threads} ({'--threads' if options.threads else 'the task' + chr(39) + 's fastest'})",
+                  highlight=False)
     try:
         result = run_compare(
             factories, instance.name, seeds=seeds, out_dir=out_dir, lr_grid=grid, config=config, console=err,
-            **options.runner_kwargs(),
+            **{**options.runner_kwargs(), "threads": threads},
         )
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/]; results so far in {escape(str(out_dir))}", highlight=False)
@@ -429,7 +465,8 @@ def _compare_here(names: list[str], options: RunOptions, seeds: list[int], grid:
         fail(exc)
     (out_dir / "recipes").mkdir(parents=True, exist_ok=True)
     for label, factory in factories.items():
-        _write_recipe(out_dir / "recipes" / f"{slug(label)}.yaml", factory.recipe)
+        if factory.recipe is not None:
+            _write_recipe(out_dir / "recipes" / f"{slug(label)}.yaml", factory.recipe)
     reasons = {label: f"{f.lr:g} ({f.lr_reason})" for label, f in factories.items()}
     (out_dir / "compare.md").write_text(compare_markdown(result, None if grid else reasons, skipped), encoding="utf-8")
     con = console_out()
@@ -440,6 +477,9 @@ def _compare_here(names: list[str], options: RunOptions, seeds: list[int], grid:
             con.print(f"lr {label} = best {_fmt_lr(best)} of the grid around {factory.lr:g}: {escape(factory.lr_reason)}")
         else:
             con.print(f"lr {label} = {factory.lr:g}: {escape(factory.lr_reason)}")
+    notes = {r.label: r.config.get("parameter_split") for r in result.runs if r.config.get("parameter_split")}
+    for label, note in notes.items():
+        con.print(f"{escape(label)}: {escape(note)}")
     for line in verdict(result):
         con.print(escape(line))
     for row in result.rows:

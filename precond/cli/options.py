@@ -20,7 +20,7 @@ EXIT_DIVERGED = 3  # train: the loss became non-finite or exploded; results are 
 EXIT_ERROR = 4  # train: the optimizer or the evaluation raised; traceback in metrics.json
 EXIT_INTERRUPTED = 130  # Ctrl-C; results so far are written
 
-DEFAULT_TASK = "digits-autoencoder"
+DEFAULT_TASK = "mnist-autoencoder"
 DEFAULT_SEEDS = "0,1"
 
 
@@ -90,7 +90,19 @@ Task = Annotated[
 ]
 Short = Annotated[bool, typer.Option("--short", help="the task's small, fast variant (the test suite's mode)")]
 Threads = Annotated[
-    int, typer.Option("--threads", min=1, help="torch CPU threads (1 is fastest for these small models)")
+    Optional[int],
+    typer.Option(
+        "--threads", min=1, help="torch CPU threads [default: the task's fastest count (precond tasks), at most the "
+        "machine's CPUs: 1 for the small tasks]",
+    ),
+]
+TimeBudget = Annotated[
+    Optional[float],
+    typer.Option(
+        "--time-budget", min=0.001, metavar="SECONDS",
+        help="stop each run after SECONDS of training (wall-clock as timed, evaluations excluded) instead of after "
+        "the task's steps; with --steps, whichever comes first. compare then ranks by the final metric",
+    ),
 ]
 EvalEvery = Annotated[
     Optional[int], typer.Option("--eval-every", min=1, help="evaluate every N steps [default: the task's]")
@@ -106,11 +118,20 @@ class RunOptions:
     steps: Optional[int]
     out: Optional[str]
     short: bool
-    threads: int
+    threads: Optional[int]
     eval_every: Optional[int]
     stop_at_target: bool
     dtype: DType
     progress: bool
+    time_budget: Optional[float] = None
+
+    def threads_for(self, task: Any) -> int:
+        """``--threads``, else the task's hint (``TaskInstance.threads``) capped at the machine's CPUs."""
+        if self.threads:
+            return int(self.threads)
+        import os
+
+        return max(1, min(int(getattr(task, "threads", 1) or 1), os.cpu_count() or 1))
 
     def runner_kwargs(self) -> dict[str, Any]:
         """The keywords of :func:`precond.training.train` / :func:`~precond.training.compare` these set."""
@@ -122,6 +143,7 @@ class RunOptions:
             "stop_at_target": self.stop_at_target,
             "threads": self.threads,
             "progress": self.progress,
+            "time_budget": self.time_budget,
         }
 
 

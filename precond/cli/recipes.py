@@ -10,8 +10,9 @@ from typing import Optional
 from precond.errors import PrecondError
 from precond.recipe import builtin_recipes, load_recipe
 
-# compared when `precond compare` gets no recipe: whichever of these are built-in recipes right now
-DEFAULT_SET = ("adam", "kfac", "shampoo", "sophia_g", "adahessian")
+# compared when `precond compare` gets no recipe: whichever of these are built-in recipes right now (a recipe
+# added to recipes/ under one of these names joins the default comparison; add a name here to extend it)
+DEFAULT_SET = ("adam", "kfac", "shampoo_grafted", "soap", "sophia_g", "muon")
 
 
 class RecipeFactory:
@@ -30,6 +31,82 @@ class RecipeFactory:
         import precond
 
         return precond.build(self.recipe, model, likelihood=likelihood, seed=seed, lr=self.lr if lr is None else lr)
+
+
+class TorchFactory:
+    """A ``torch.optim.Optimizer`` class as a ``precond compare`` contender (``torch.optim.AdamW``), with its
+    keyword arguments (``--set torch.optim.AdamW:weight_decay=0.1``), stepped by the plain-loop convention
+    (:func:`precond.training.factories.torch_optimizer`); ``recipe`` is None."""
+
+    recipe = None
+
+    def __init__(self, spec: str, kwargs: dict, lr: float, label: str, lr_reason: str):
+        from precond.training.factories import torch_optimizer
+
+        self.spec = spec
+        self.kwargs = dict(kwargs)
+        self.lr = float(lr)
+        self.label = label
+        self.lr_reason = lr_reason
+        self._make = torch_optimizer(spec, **{**self.kwargs, "lr": self.lr})
+
+    def __call__(self, model, likelihood, seed: int = 0, lr: Optional[float] = None):
+        return self._make(model, likelihood, lr=lr)
+
+    def describe(self) -> dict:
+        return {"class": self._make.optimizer_class, "kwargs": {**self.kwargs, "lr": self.lr}}
+
+
+def _load_torch(spec: str, overrides: dict, task) -> TorchFactory:
+    """An optimizer class by import path with ``--set SPEC:key=value`` keyword arguments; its lr: ``lr=`` among
+    them, else the task's hint for the class name (lower case), else the class's own default."""
+    import inspect
+
+    from precond.training.factories import resolve_optimizer_class
+
+    cls = resolve_optimizer_class(spec)
+    kwargs = dict(overrides)
+    bad = [k for k in kwargs if "." in k]
+    if bad:
+        raise ValueError(f"--set {spec}:{bad[0]}=...: a torch optimizer takes keyword arguments, not dotted recipe fields")
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"--set {spec}:{unknown[0]}=...: {cls.__name__} takes no keyword {unknown[0]!r} "
+            f"(it takes {', '.join(k for k in accepted if k not in ('self', 'params'))})"
+        )
+    key = cls.__name__.lower()
+    if "lr" in kwargs:
+        lr, why = float(kwargs.pop("lr")), f"from --set {spec}:lr="
+    elif key in task.default_lr:
+        lr, why = float(task.default_lr[key]), f"task {task.name}'s hint for '{key}'"
+    else:
+        default = accepted.get("lr")
+        if default is None or not isinstance(default.default, (int, float)):
+            raise ValueError(f"{spec} has no default lr: give one with --set {spec}:lr=...")
+        lr, why = float(default.default), f"{cls.__name__}'s own default; task {task.name} has no hint for '{key}'"
+    return TorchFactory(spec, kwargs, lr, spec, why)
+
+
+def split_scoped_set(items: list[str], specs: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``--set`` items of ``precond compare``: ``key=value`` (every recipe) and ``SPEC:key=value`` (only the
+    contender given as SPEC, e.g. ``torch.optim.AdamW:weight_decay=0.1`` or ``kfac:curvature.every=5``) ->
+    ``(unscoped items, {spec: its items})``; a scope naming no contender is a ``ValueError``."""
+    common: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    lower = {s.lower(): s for s in specs}
+    for item in items:
+        key = item.partition("=")[0]
+        scope, colon, rest = key.rpartition(":")
+        if not colon:
+            common.append(item)
+            continue
+        spec = lower.get(scope.strip().lower())
+        if spec is None:
+            raise ValueError(f"--set {item}: {scope!r} is none of the contenders ({', '.join(specs)})")
+        scoped.setdefault(spec, []).append(item[len(scope) + 1 :])
+    return common, scoped
 
 
 def _task(name: str, seed: int, short: bool, dtype):
@@ -97,6 +174,10 @@ def _unbuildable(factories: dict, instance) -> dict[str, str]:
                 factory(instance.model, instance.likelihood, seed=instance.seed)
             except PrecondError as exc:
                 out[label] = str(exc)
+            except (ValueError, TypeError) as exc:
+                if not isinstance(factory, TorchFactory):
+                    raise
+                raise ValueError(f"{label}: {exc}") from None
     return out
 
 

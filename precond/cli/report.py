@@ -24,6 +24,22 @@ def verdict(result) -> list[str]:
     rows = [r for r in result.rows if r.status == "ok" or r.reached]
     target = f"{result.metric} {'>=' if result.higher_is_better else '<='} {_fmt(result.target)}"
     by = {r.label: r for r in result.rows}
+    budget = getattr(result, "time_budget_s", None)
+    head: list[str] = []
+    if budget is not None:
+        ranked = [r for r in result.rows if r.status == "ok" and r.final_metric == r.final_metric]
+        if ranked:
+            best = ranked[0]
+            text = (f"best after {budget:g} s of training each: {best.label}, {result.metric} "
+                    f"{_fmt(best.final_metric)} ({_fmt(best.steps_done)} steps)")
+            if len(ranked) > 1:
+                nxt = ranked[1]
+                text += f" vs {nxt.label} {_fmt(nxt.final_metric)} ({_fmt(nxt.steps_done)} steps)"
+            head.append(text)
+    return head + _verdict_target(result, rows, target, by)
+
+
+def _verdict_target(result, rows, target, by) -> list[str]:
     reached = [r for r in result.rows if r.steps_to_target is not None]
     lines = []
     if not reached:
@@ -56,7 +72,12 @@ def verdict(result) -> list[str]:
     rest = sorted((r for r in reached if r.label != fastest.label), key=lambda r: r.time_to_target_s)
     text = f"fastest wall-clock to target: {fastest.label}, {fastest.time_to_target_s:.3g} s"
     if rest:
-        text += f" vs {rest[0].label} {rest[0].time_to_target_s:.3g} s ({rest[0].time_to_target_s / fastest.time_to_target_s:.2f}x faster)"
+        ratio = rest[0].time_to_target_s / fastest.time_to_target_s if fastest.time_to_target_s > 0 else float("inf")
+        text += f" vs {rest[0].label} {rest[0].time_to_target_s:.3g} s ({ratio:.2f}x faster)"
+    adam = by.get("adam")
+    if adam is not None and adam.label not in (fastest.label, rest[0].label if rest else None):
+        if adam.time_to_target_s is not None and fastest.time_to_target_s > 0:
+            text += f"; adam {adam.time_to_target_s:.3g} s ({adam.time_to_target_s / fastest.time_to_target_s:.2f}x)"
     lines.append(text)
     missed = [r.label for r in result.rows if r.steps_to_target is None]
     if missed:
@@ -75,8 +96,10 @@ def compare_markdown(result, lr_reasons: Optional[dict] = None, skipped: Optiona
         head.append("× adam ms/step")
     head.append("status")
     lines = [
-        f"`{result.task}`: target {result.metric} {op} {_fmt(result.target)}, {result.steps} steps, "
-        f"seeds {', '.join(map(str, result.seeds))}" + (f", lr grid × {', '.join(f'{m:g}' for m in result.lr_grid)}" if grid else ""),
+        f"`{result.task}`: target {result.metric} {op} {_fmt(result.target)}, "
+        + (f"{result.time_budget_s:g} s of training each, " if getattr(result, "time_budget_s", None) is not None
+           else f"{result.steps} steps, ")
+        + f"seeds {', '.join(map(str, result.seeds))}" + (f", lr grid × {', '.join(f'{m:g}' for m in result.lr_grid)}" if grid else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + " --- |" * len(head),

@@ -83,6 +83,7 @@ class TaskInstance:
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     forward: Forward | None = None  # what closure() runs the model through (needed on several processes)
+    threads: int = 1  # torch CPU threads that run its steps fastest (the CLI's --threads default, capped at the CPUs)
 
     def reached(self, value: float) -> bool:
         """Whether a metric value reaches ``target``."""
@@ -113,6 +114,7 @@ class TaskInstance:
             "batch_size": self.batch_size,
             "full_batch": self.full_batch,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "threads_hint": self.threads,
             **{k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool))},
         }
 

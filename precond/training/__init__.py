@@ -19,6 +19,22 @@ keyword ``lr``. For example::
         extra = {} if lr is None else {"lr": lr}
         return precond.build("kfac", model, likelihood=likelihood, seed=seed, **extra)
 
+Any ``torch.optim.Optimizer`` is a contender too: a ``torch.optim.Optimizer``
+subclass, a one-argument callable ``lambda params: torch.optim.AdamW(params,
+lr=1e-3)`` or :func:`~precond.training.factories.torch_optimizer` (a class or
+import path with its keyword arguments; ``torch.optim.Muon``, which takes only
+2-D parameters, gets the matrices and AdamW the rest). It runs in the same
+interleaved loop by the plain-loop convention (``zero_grad(); loss =
+closure()[0]; loss.backward(); optimizer.step()``, the timed step included;
+:class:`~precond.training.factories.PlainLoop`); under an lr grid its groups'
+learning rates are scaled. A precond factory that returns a bare ``torch.optim``
+optimizer is stepped the same way.
+
+``time_budget=S`` (``--time-budget``) stops each run after ``S`` seconds of its
+own training time (the step that crosses ``S`` completes and is evaluated)
+instead of after ``steps``; with both, whichever comes first. A comparison
+under a budget ranks by the final metric: who is best after ``S`` seconds.
+
 Conventions
 -----------
 * Step ``k`` (1-based) is the ``k``-th call of ``optimizer.step``. The loss
@@ -64,9 +80,12 @@ Files
 evaluation, every evaluation, config), ``D/curve.csv`` (``step,
 wall_time_s, loss`` then the evaluation columns, empty where no evaluation
 ran; row ``step=0`` holds the initial evaluation and an empty loss) and
-``D/curve.png`` (loss vs step and loss vs wall-clock). ``compare(...,
+``D/curve.png`` (the task metric vs step and vs wall-clock with the target
+line, the training loss below). ``compare(...,
 out_dir=D)`` writes ``D/compare.json``, ``D/compare.csv`` (one row per label
-and lr multiplier, in table order), ``D/compare.png`` (every curve) and
+and lr multiplier, in table order), ``D/compare.png`` (the same panels, one colour per label in table order, the
+median over seeds as the line and their min-max as a band, the winner in
+wall-clock and in steps in the headline) and
 ``D/runs/<label>[-lrx<mult>]-seed<seed>/{metrics.json,curve.csv}``.
 Non-finite numbers are ``null`` in JSON and ``nan``/``inf`` in CSV.
 

@@ -113,11 +113,12 @@ def write_compare(result: CompareResult, out_dir: str | Path) -> Path:
         for rank, row in enumerate(result.all_rows, start=1):
             d = row.to_dict()
             writer.writerow([rank, *[_csv_value(d[f]) for f in fields]])
-    shown = {(r.label, r.lr_multiplier) for r in result.rows}
+    shown = [(r.label, r.lr_multiplier) for r in result.rows]  # in the table's order: the legend's
+    budget = f", {result.time_budget_s:g} s each" if result.time_budget_s is not None else ""
     plot_runs(
-        [r for r in result.runs if (r.label, r.lr_multiplier) in shown],
+        [r for key in shown for r in result.runs if (r.label, r.lr_multiplier) == key],
         out / "compare.png",
-        title=f"{result.task}: {len(result.rows)} optimizers, seeds {result.seeds}",
+        title=f"{result.task}: {len(result.rows)} optimizers, seeds {result.seeds}{budget}",
     )
     return out
 

@@ -76,7 +76,9 @@ class ProgressBars:
 
     def add(self, run: _Running) -> None:
         if self.progress is not None:
-            self.ids[id(run)] = self.progress.add_task(run.description, total=run.steps, loss="-", rate="-", status="")
+            budget = getattr(run, "time_budget", None)  # under a time budget the bar fills with training seconds
+            total = round(budget, 1) if budget is not None else run.steps
+            self.ids[id(run)] = self.progress.add_task(run.description, total=total, loss="-", rate="-", status="")
 
     def update(self, run: _Running) -> None:
         if self.progress is None:
@@ -84,9 +86,14 @@ class ProgressBars:
         loss = f"{run.losses[-1]:.4g}" if run.losses else "-"
         rate = f"{run.step / run.elapsed:.1f}" if run.elapsed > 0 else "-"
         status = "" if run.status in ("running", "ok") else run.status
+        budget = getattr(run, "time_budget", None)
+        if budget is not None:
+            completed = round(min(run.elapsed, budget), 1) if not run.done or run.status != "ok" else round(budget, 1)
+        else:
+            completed = run.step if not run.done or run.status != "ok" else run.steps
         self.progress.update(
             self.ids[id(run)],
-            completed=run.step if not run.done or run.status != "ok" else run.steps,
+            completed=completed,
             loss=loss,
             rate=rate,
             status=status,
@@ -139,9 +146,10 @@ def render_table(result: RunResult | CompareResult, *, all_rows: bool = False):
 
     rows = result.all_rows if all_rows else result.rows
     better = ">=" if result.higher_is_better else "<="
+    length = (f"{result.time_budget_s:g} s of training each" if getattr(result, "time_budget_s", None) is not None
+              else f"{result.steps} steps")
     table = Table(
-        title=f"{result.task}: target {result.metric} {better} {fmt(result.target)}, "
-        f"{result.steps} steps, seeds {result.seeds}"
+        title=f"{result.task}: target {result.metric} {better} {fmt(result.target)}, {length}, seeds {result.seeds}"
     )
     grid = result.lr_grid is not None
     has_ref = any(r.rel_ms_per_step is not None for r in rows)
@@ -150,6 +158,9 @@ def render_table(result: RunResult | CompareResult, *, all_rows: bool = False):
     if grid:
         table.add_column("lr", justify="right")
     table.add_column("reached", justify="right")
+    budget = getattr(result, "time_budget_s", None) is not None
+    if budget:
+        table.add_column("steps", justify="right")
     table.add_column("steps→target", justify="right")
     table.add_column("time→target (s)", justify="right")
     table.add_column(result.metric, justify="right")
@@ -164,8 +175,10 @@ def render_table(result: RunResult | CompareResult, *, all_rows: bool = False):
             cells.append(
                 f"{fmt(row.lr, 3)} (×{row.lr_multiplier:g})" if row.lr_multiplier is not None else fmt(row.lr)
             )
+        cells.append(f"{row.reached}/{row.seeds}")
+        if budget:
+            cells.append(fmt(row.steps_done))
         cells += [
-            f"{row.reached}/{row.seeds}",
             fmt(row.steps_to_target),
             fmt(row.time_to_target_s, 3),
             fmt(row.final_metric),
@@ -206,63 +219,169 @@ def trailing_mean(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def _band(curves: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[Any, Any, Any, Any] | None:
+    """``(x, median, low, high)`` of curves ``(x, y)`` (one per seed) on the union of their x values, up to
+    the shortest curve's end (linear interpolation; NaN gaps kept): the seeds' median and their min-max band."""
+    import numpy as np
+
+    curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves if len(x)]
+    if not curves:
+        return None
+    end = min(x[-1] for x, _ in curves)
+    grid = np.unique(np.concatenate([x[x <= end] for x, _ in curves]))
+    if grid.size == 0:
+        return None
+    ys = np.vstack([np.interp(grid, x, y) for x, y in curves])
+    for row, (x, y) in zip(ys, curves):  # a non-finite value (divergence) stays a gap
+        bad = ~np.isfinite(y)
+        if bad.any():
+            row[np.isin(grid, x[bad])] = np.nan
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return grid, np.nanmedian(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    """Median counting a missing value (target not reached) as infinite; None when that median is infinite."""
+    import statistics
+
+    vals = sorted(math.inf if v is None else float(v) for v in values)
+    if not vals:
+        return None
+    m = statistics.median(vals)
+    return m if math.isfinite(m) else None
+
+
+def winners(runs: Sequence[RunResult]) -> list[str]:
+    """Sentences naming who reached the target first in wall-clock and in steps (medians over seeds), or who
+    ends best when none reached it: the headline of a plot."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    if not groups:
+        return []
+    first = next(iter(runs))
+    times = {k: _median_or_none([r.time_to_target_s for r in g]) for k, g in groups.items()}
+    steps = {k: _median_or_none([r.steps_to_target for r in g]) for k, g in groups.items()}
+    if len(groups) == 1:  # one run (precond train): whether and when it reached the target
+        (k,) = groups
+        if steps[k] is None:
+            return [f"{k} did not reach the target in {first.steps_done} steps"]
+        return [f"{k} reached the target at step {fmt(steps[k])}, after {fmt(times[k], 3)} s of training"]
+    lines = []
+    for what, table, unit in (("wall-clock", times, "s"), ("steps", steps, "steps")):
+        reached = sorted((v, k) for k, v in table.items() if v is not None)
+        if not reached:
+            continue
+        (v, k), rest = reached[0], reached[1:]
+        text = f"first to the target in {what}: {k} ({fmt(v, 3)} {unit}"
+        if rest:
+            v2, k2 = rest[0]
+            text += f"; next {k2} {fmt(v2, 3)} {unit}, {v2 / v:.2f}x" if v > 0 else f"; next {k2} {fmt(v2, 3)} {unit}"
+        lines.append(text + ")")
+    if not lines:
+        finals = {k: statistics_mean([r.final_metric for r in g]) for k, g in groups.items()}
+        pool = [(v, k) for k, v in finals.items() if math.isfinite(v)]
+        if pool:
+            v, k = (max if first.higher_is_better else min)(pool)
+            lines.append(f"none reached the target; best final {first.metric}: {k} ({fmt(v)})")
+    return lines
+
+
+def statistics_mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
 def plot_runs(runs: Sequence[RunResult], path: str | Path, *, title: str = "") -> None:
-    """Loss vs step and loss vs wall-clock, one colour per label (Agg backend,
-    no pyplot state touched)."""
+    """The task metric (top row) and the training loss (bottom row) against steps (left) and training
+    wall-clock (right), the target as a dashed line: one colour per label (in the order of ``runs``, e.g.
+    the table's), the median over its seeds as the line and their min-max as a band, a marker where the
+    median reaches the target; the headline names who reaches it first (Agg backend, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    groups: dict[str, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_step, ax_time = fig.subplots(1, 2)
-    colors: dict[str, Any] = {}
+    (m_step, m_time), (l_step, l_time) = fig.subplots(2, 2, height_ratios=(3, 2))
     palette = [f"C{i}" for i in range(10)]
-    positive = True
-    smoothed = False
-    for run in runs:
-        if not run.losses:
-            continue
-        key = run.label
-        name = None if key in colors else key  # one legend entry per label
-        color = colors.setdefault(key, palette[len(colors) % len(palette)])
-        steps = list(range(1, len(run.losses) + 1))
-        finite = [v if math.isfinite(v) else math.nan for v in run.losses]
-        positive = positive and all(v > 0 for v in finite if math.isfinite(v))
-        lw = 1.2 if len(runs) < 6 else 0.9
-        window = smoothing_window(len(finite))
-        if window > 1:  # noisy minibatch losses: faint per-step curve, bold trailing mean
-            smooth = trailing_mean(finite, window)
-            ax_step.plot(steps, finite, color=color, lw=0.5, alpha=0.15)
-            ax_time.plot(run.wall_times, finite, color=color, lw=0.5, alpha=0.15)
-            ax_step.plot(steps, smooth, color=color, lw=lw, alpha=0.95, label=name)
-            ax_time.plot(run.wall_times, smooth, color=color, lw=lw, alpha=0.95, label=name)
-            smoothed = True
-        else:
-            ax_step.plot(steps, finite, color=color, lw=lw, alpha=0.85, label=name)
-            ax_time.plot(run.wall_times, finite, color=color, lw=lw, alpha=0.85, label=name)
-        evals = [e for e in run.evals if e.get("test_loss") is not None and e["step"] > 0]
-        if evals and len(evals) <= 200:
-            ax_step.plot(
-                [e["step"] for e in evals], [e["test_loss"] for e in evals], "o", ms=2.5, color=color, alpha=0.6
-            )
-            ax_time.plot(
-                [e["wall_time_s"] for e in evals], [e["test_loss"] for e in evals], "o", ms=2.5, color=color, alpha=0.6
-            )
-        if run.steps_to_target is not None and run.steps_to_target > 0:
-            ax_step.axvline(run.steps_to_target, color=color, ls=":", lw=0.8)
-            ax_time.axvline(run.time_to_target_s, color=color, ls=":", lw=0.8)
-    for ax, xlabel in ((ax_step, "step"), (ax_time, "wall-clock (s, training only)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(
-            "training loss (line: trailing mean, faint: per step;\ndots: test loss)" if smoothed
-            else "training loss (dots: test loss)"
+    first = runs[0] if runs else None
+    metric_positive, loss_positive, smoothed = True, True, False
+    for i, (label, group) in enumerate(groups.items()):
+        color = palette[i % len(palette)]
+        stt = _median_or_none([r.steps_to_target for r in group])
+        ttt = _median_or_none([r.time_to_target_s for r in group])
+        final = statistics_mean([r.final_metric for r in group])
+        seeds = f", {len(group)} seeds" if len(group) > 1 else ""
+        name = (
+            f"{label}: target at {fmt(stt)} steps, {fmt(ttt, 3)} s{seeds}" if stt is not None
+            else f"{label}: not reached, final {fmt(final)}{seeds}"
         )
-        if positive:
-            ax.set_yscale("log")
+        for ax, xkey in ((m_step, "step"), (m_time, "wall_time_s")):
+            curves = []
+            for r in group:
+                evals = [e for e in r.evals if e.get(r.metric) is not None]
+                curves.append(([e[xkey] for e in evals], [e[r.metric] for e in evals]))
+                metric_positive = metric_positive and all(
+                    not math.isfinite(e[r.metric]) or e[r.metric] > 0 for e in evals)
+            band = _band(curves)
+            if band is None:
+                continue
+            x, mid, lo, hi = band
+            ax.plot(x, mid, color=color, lw=1.6, marker="o", ms=2.5, label=name if ax is m_step else None)
+            if len(group) > 1:
+                ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+        if stt is not None and first is not None:
+            m_step.plot([stt], [first.target], marker="*", ms=13, color=color, mec="black", mew=0.6, zorder=5)
+            m_time.plot([ttt], [first.target], marker="*", ms=13, color=color, mec="black", mew=0.6, zorder=5)
+        for ax, use_time in ((l_step, False), (l_time, True)):
+            curves = []
+            for r in group:
+                losses = [v if math.isfinite(v) else math.nan for v in r.losses]
+                if not losses:
+                    continue
+                loss_positive = loss_positive and all(v > 0 for v in losses if math.isfinite(v))
+                window = smoothing_window(len(losses))
+                smoothed = smoothed or window > 1
+                ys = trailing_mean(losses, window)
+                xs = r.wall_times if use_time else list(range(1, len(losses) + 1))
+                curves.append((xs, ys))
+            band = _band(curves)
+            if band is None:
+                continue
+            x, mid, lo, hi = band
+            ax.plot(x, mid, color=color, lw=1.2)
+            if len(group) > 1:
+                ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+    if first is not None:
+        op = ">=" if first.higher_is_better else "<="
+        for ax in (m_step, m_time):
+            ax.axhline(first.target, color="black", ls="--", lw=1.0,
+                       label=f"target {first.metric} {op} {fmt(first.target)}" if ax is m_step else None)
+            ax.set_ylabel(f"{first.metric} (evaluations)")
+            if metric_positive and not first.higher_is_better:
+                ax.set_yscale("log")
+        loss_label = "training loss" + (" (trailing mean)" if smoothed else "")
+        for ax in (l_step, l_time):
+            ax.set_ylabel(loss_label)
+            if loss_positive:
+                ax.set_yscale("log")
+    for ax in (m_step, l_step):
+        ax.set_xlabel("step")
+    for ax in (m_time, l_time):
+        ax.set_xlabel("wall-clock (s, training only)")
+    for ax in (m_step, m_time, l_step, l_time):
         ax.grid(True, alpha=0.3)
-    if colors:
-        ax_step.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.savefig(str(path), dpi=110)
-
+    if groups:
+        m_step.legend(fontsize=8, loc="best")
+    headline = winners(runs)
+    text = "\n".join(([title] if title else []) + headline)
+    if text:
+        fig.suptitle(text, fontsize=10)
+    fig.savefig(str(path), dpi=100)

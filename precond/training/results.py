@@ -112,6 +112,7 @@ class CompareRow:
     lr_multiplier: float | None
     seeds: int
     reached: int
+    steps_done: float  # median over seeds (differs between rows under a time budget)
     steps_to_target: float | None
     time_to_target_s: float | None
     final_metric: float
@@ -145,6 +146,7 @@ class CompareResult:
     best_lr: dict[str, float | None] = field(default_factory=dict)
     interleaving: str = INTERLEAVING
     out_dir: str | None = None
+    time_budget_s: float | None = None  # each run's training seconds, when the comparison had a budget
 
     def to_dict(self, curves: bool = True) -> dict[str, Any]:
         return {
@@ -153,11 +155,14 @@ class CompareResult:
             "higher_is_better": self.higher_is_better,
             "target": self.target,
             "steps": self.steps,
+            "time_budget_s": self.time_budget_s,
             "seeds": list(self.seeds),
             "lr_grid": self.lr_grid,
             "best_lr": dict(self.best_lr),
             "interleaving": self.interleaving,
-            "sort": "failed runs last, then steps to target, wall-clock to target, final metric",
+            "sort": "failed runs last, then final metric (a time budget: who is best after that time)"
+            if self.time_budget_s is not None
+            else "failed runs last, then steps to target, wall-clock to target, final metric",
             "rows": [r.to_dict() for r in self.rows],
             "all_rows": [r.to_dict() for r in self.all_rows],
             "runs": [r.to_dict() if curves else r.summary() for r in self.runs],
@@ -176,7 +181,9 @@ def _mean(values: list[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def compare_rows(results: list[RunResult], higher_is_better: bool, metric: str) -> list[CompareRow]:
+def compare_rows(
+    results: list[RunResult], higher_is_better: bool, metric: str, *, by_metric: bool = False
+) -> list[CompareRow]:
     """One row per label and lr multiplier, aggregated over its seeds, sorted (:func:`sort_rows`)."""
     groups: dict[tuple[str, float | None], list[RunResult]] = {}
     for r in results:
@@ -199,6 +206,7 @@ def compare_rows(results: list[RunResult], higher_is_better: bool, metric: str) 
                 lr_multiplier=mult,
                 seeds=len(group),
                 reached=sum(r.reached for r in group),
+                steps_done=statistics.median([r.steps_done for r in group]),
                 steps_to_target=stt if math.isfinite(stt) else None,
                 time_to_target_s=ttt if math.isfinite(ttt) else None,
                 final_metric=_mean([r.final.get(metric, math.nan) for r in group]),
@@ -210,19 +218,23 @@ def compare_rows(results: list[RunResult], higher_is_better: bool, metric: str) 
                 message=message,
             )
         )
-    return sort_rows(rows, higher_is_better)
+    return sort_rows(rows, higher_is_better, by_metric=by_metric)
 
 
 def _nan_last(x: float | None) -> float:
     return math.inf if x is None or not math.isfinite(x) else x
 
 
-def sort_rows(rows: list[CompareRow], higher_is_better: bool) -> list[CompareRow]:
-    """Failed rows last, then by steps to target, wall-clock to target, final metric, label."""
+def sort_rows(rows: list[CompareRow], higher_is_better: bool, *, by_metric: bool = False) -> list[CompareRow]:
+    """Failed rows last, then by steps to target, wall-clock to target, final metric, label; ``by_metric``
+    (a comparison under a time budget: who is best after that time): failed rows last, then by final
+    metric, wall-clock to target, label."""
 
     def key(row: CompareRow):
         metric = row.final_metric
         metric_key = _nan_last(-metric if higher_is_better else metric)
+        if by_metric:
+            return (row.status != "ok", metric_key, _nan_last(row.time_to_target_s), row.label)
         return (
             row.status != "ok",
             _nan_last(row.steps_to_target),
@@ -234,13 +246,16 @@ def sort_rows(rows: list[CompareRow], higher_is_better: bool) -> list[CompareRow
     return sorted(rows, key=key)
 
 
-def best_rows(all_rows: list[CompareRow], higher_is_better: bool) -> tuple[list[CompareRow], dict[str, float | None]]:
+def best_rows(
+    all_rows: list[CompareRow], higher_is_better: bool, *, by_metric: bool = False
+) -> tuple[list[CompareRow], dict[str, float | None]]:
     """With an lr grid: each label's best row (the first of its rows in ``all_rows``, which is sorted), sorted,
     and each label's best lr."""
     best: dict[str, CompareRow] = {}
     for row in all_rows:
         best.setdefault(row.label, row)
-    return sort_rows(list(best.values()), higher_is_better), {label: row.lr for label, row in best.items()}
+    return (sort_rows(list(best.values()), higher_is_better, by_metric=by_metric),
+            {label: row.lr for label, row in best.items()})
 
 
 def set_relative_times(rows: list[CompareRow], all_rows: list[CompareRow]) -> None:

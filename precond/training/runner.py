@@ -20,7 +20,15 @@ import torch
 from precond.tasks import TaskInstance, build_task
 from precond.threads import torch_threads
 from precond.training import ddp
-from precond.training.factories import OptimizerFactory, base_lr, call_factory, factory_label, first_lr
+from precond.training.factories import (
+    OptimizerFactory,
+    PlainLoop,
+    as_factory,
+    base_lr,
+    call_factory,
+    factory_label,
+    first_lr,
+)
 from precond.training.files import jsonable, write_compare, write_run
 from precond.training.report import ProgressBars
 from precond.training.results import (
@@ -33,6 +41,13 @@ from precond.training.results import (
 
 DIVERGENCE_FACTOR = 1e6
 DEFAULT_LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
+MAX_STEPS = 10**9  # the step cap of a run under a time budget without --steps
+
+
+def _optimizer_name(opt: Any) -> str:
+    if isinstance(opt, PlainLoop):
+        return opt.name
+    return type(opt).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -159,6 +174,7 @@ class _Run:
         stop_at_target: bool = False,
         config: Mapping[str, Any] | None = None,
         distributed: bool = False,
+        time_budget: float | None = None,
     ):
         self.label = self.description = label
         self.seed = int(seed)
@@ -166,7 +182,12 @@ class _Run:
         self.distributed = distributed
         if distributed:
             ddp.distribute(self.task)
-        self.steps = int(steps if steps is not None else self.task.default_steps)
+        if time_budget is not None and not (time_budget > 0 and math.isfinite(time_budget)):
+            raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget}")
+        self.time_budget = None if time_budget is None else float(time_budget)
+        # with a time budget and no steps: as many steps as the budget allows
+        default = MAX_STEPS if self.time_budget is not None else self.task.default_steps
+        self.steps = int(steps if steps is not None else default)
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         self.eval_every = max(1, int(eval_every if eval_every is not None else self.task.eval_every))
@@ -206,7 +227,10 @@ class _Run:
             "stop_at_target": self.stop_at_target,
             "lr": self.lr,
             "lr_multiplier": self.lr_multiplier,
-            "optimizer": type(self.optimizer).__name__,
+            "time_budget_s": self.time_budget,
+            "optimizer": _optimizer_name(self.optimizer),
+            "plain_loop": isinstance(self.optimizer, PlainLoop),
+            **({"parameter_split": self.optimizer.note} if getattr(self.optimizer, "note", "") else {}),
             "optimizer_defaults": jsonable(getattr(self.optimizer, "defaults", {})),
             "divergence_factor": DIVERGENCE_FACTOR,
             "torch": torch.__version__,
@@ -268,13 +292,17 @@ class _Run:
         if diverged is not None:
             self._stop("diverged", diverged)
             return
-        if k % self.eval_every == 0 or k == self.steps:
+        out_of_time = self.time_budget is not None and self.elapsed >= self.time_budget
+        if k % self.eval_every == 0 or k == self.steps or out_of_time:
             self._evaluate()
             if self.status == "running" and self.stop_at_target and self.steps_to_target is not None:
                 self.status = "ok"
                 self.message = f"reached the target at step {self.steps_to_target}"
                 return
-        if self.status == "running" and k >= self.steps:
+        if self.status == "running" and out_of_time:
+            self.status = "ok"
+            self.message = f"time budget of {self.time_budget:g} s spent after {k} steps"
+        elif self.status == "running" and k >= self.steps:
             self.status = "ok"
 
     def _stop(self, status: str, message: str) -> None:
@@ -300,7 +328,7 @@ class _Run:
             seed=self.seed,
             status=self.status if self.status != "running" else "interrupted",
             message=self.message or f"completed {self.step} steps",
-            steps=self.steps,
+            steps=self.steps if self.steps != MAX_STEPS else self.step,
             steps_done=self.step,
             losses=list(self.losses),
             wall_times=list(self.wall_times),
@@ -363,6 +391,7 @@ def train(
     config: Mapping[str, Any] | None = None,
     console: Any = None,
     distributed: bool = False,
+    time_budget: float | None = None,
 ) -> RunResult:
     """Train one optimizer on a built-in task and return a :class:`RunResult`.
 
@@ -380,7 +409,13 @@ def train(
     for the run (restored after); ``config`` is merged into the recorded
     config (e.g. the recipe); ``stop_at_target`` ends the run at the first
     evaluation reaching the target. Result files go to ``out_dir``.
+
+    ``make_optimizer`` may also be a plain torch optimizer: a ``torch.optim.Optimizer`` subclass or
+    ``lambda params: torch.optim.AdamW(params, lr=1e-3)`` (see :func:`~precond.training.factories.as_factory`).
+    ``time_budget``: stop after that many seconds of training (wall-clock as timed, evaluations excluded)
+    instead of after ``steps`` (both given: whichever comes first).
     """
+    make_optimizer = as_factory(make_optimizer)
     with torch_threads(threads):
         run = _Run(
             make_optimizer,
@@ -394,6 +429,7 @@ def train(
             stop_at_target=stop_at_target,
             config=config,
             distributed=distributed,
+            time_budget=time_budget,
         )
         with ProgressBars(progress, console) as bars:
             bars.add(run)
@@ -422,6 +458,7 @@ def compare(
     threads: int | None = None,
     config: Mapping[str, Any] | None = None,
     console: Any = None,
+    time_budget: float | None = None,
 ) -> CompareResult:
     """Run every optimizer on the same task and seeds, interleaved fairly.
 
@@ -430,9 +467,17 @@ def compare(
     has one, else ``param_groups[0]["lr"]`` of an optimizer built on a
     throwaway copy of the task; factories are then called with ``lr=base *
     multiplier``. The table (``rows``) keeps the best multiplier per label.
+
+    Contenders may mix precond factories and plain torch optimizers (a ``torch.optim.Optimizer``
+    subclass, ``lambda params: torch.optim.AdamW(params, lr=1e-3)`` or
+    :func:`~precond.training.factories.torch_optimizer`), stepped by the plain-loop convention in the
+    same interleaved loop. ``time_budget``: each run stops after that many seconds of its own training
+    (steps capped by ``steps`` when given too); the table then ranks by the final metric, who is best
+    after that time.
     """
     if not make_optimizers:
         raise ValueError("compare needs at least one optimizer")
+    make_optimizers = {label: as_factory(f) for label, f in make_optimizers.items()}
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("compare needs at least one seed")
@@ -441,7 +486,7 @@ def compare(
         runs = [
             _Run(factory, task_name, seed=seed, steps=steps, eval_every=eval_every, label=str(label), short=short,
                  dtype=dtype, lr=lr, lr_multiplier=mult, stop_at_target=stop_at_target,
-                 config={**dict(config or {}), "compare": True})
+                 config={**dict(config or {}), "compare": True}, time_budget=time_budget)
             for label, factory, lr, mult, seed in _grid(make_optimizers, task_name, grid, seeds, short, dtype)
         ]
         for run in runs:
@@ -451,7 +496,7 @@ def compare(
             for run in runs:
                 bars.add(run)
             interrupted = _lockstep(runs, bars)
-    result = _compare_result([r.result() for r in runs], seeds, grid)
+    result = _compare_result([r.result() for r in runs], seeds, grid, time_budget)
     if out_dir is not None:
         write_compare(result, out_dir)
     if interrupted:
@@ -473,10 +518,13 @@ def _grid(
                 yield label, factory, lr, mult, seed
 
 
-def _compare_result(results: list[RunResult], seeds: list[int], grid: list[float] | None) -> CompareResult:
+def _compare_result(
+    results: list[RunResult], seeds: list[int], grid: list[float] | None, time_budget: float | None = None
+) -> CompareResult:
     first = results[0]
-    all_rows = compare_rows(results, first.higher_is_better, first.metric)
-    rows, best_lr = best_rows(all_rows, first.higher_is_better) if grid else (list(all_rows), {})
+    by_metric = time_budget is not None
+    all_rows = compare_rows(results, first.higher_is_better, first.metric, by_metric=by_metric)
+    rows, best_lr = best_rows(all_rows, first.higher_is_better, by_metric=by_metric) if grid else (list(all_rows), {})
     set_relative_times(rows, all_rows)
     return CompareResult(
         task=first.task,
@@ -490,4 +538,5 @@ def _compare_result(results: list[RunResult], seeds: list[int], grid: list[float
         all_rows=all_rows,
         lr_grid=grid,
         best_lr=best_lr,
+        time_budget_s=time_budget,
     )
