@@ -54,7 +54,7 @@ def test_equals_torch_muon_bit_for_bit(scale: str, dtype: torch.dtype) -> None:
     a = hidden_mlp(dtype)
     b = copy.deepcopy(a)
     lr = SCALES[scale]
-    ours = precond.build("muon", a, lr=lr, set={"transform.0.scale": scale})
+    ours = precond.build("muon", a, lr=lr, set={"transform.0.scale": scale, "transform.0.dtype": "bfloat16"})
     ref = torch.optim.Muon(b.parameters(), lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn=scale)
     assert {g["rule"] for g in ours.param_groups} == {"default"}
     train_pair(ours, [ref], a, b, batches(dtype), classify)
@@ -127,7 +127,7 @@ def test_rules_follow_torch_adamw_exactly() -> None:
     betas (0.9, 0.95), eps 1e-8 and weight decay 0.1, on one model trained 20 steps."""
     a = TinyLM()
     b = copy.deepcopy(a)
-    ours = precond.build("muon", a)
+    ours = precond.build("muon", a, set={"transform.0.dtype": "bfloat16"})  # torch's rounding (auto: float32 on CPU)
     hidden = [b.up.weight, b.down.weight]
     rest = [p for p in b.parameters() if all(p is not h for h in hidden)]
     muon = torch.optim.Muon(hidden, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
@@ -142,7 +142,7 @@ def test_conv_kernels_follow_muon_on_their_matrix_view() -> None:
     orthogonalized and scaled (0.2 sqrt(27)) as that matrix, 5 steps, bit for bit."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3, bias=False))
-    opt = precond.build("muon", model)
+    opt = precond.build("muon", model, set={"transform.0.dtype": "bfloat16"})
     kernel = model[0].weight
     twin = nn.Parameter(kernel.detach().reshape(8, 27).clone())
     ref = torch.optim.Muon([twin], lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
@@ -208,3 +208,17 @@ def test_resume_is_bitwise_with_rules() -> None:
         opt2.step(lambda: lm_loss(fresh, x, y))  # noqa: B023
     for p, q in zip(full.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
+
+
+def test_auto_precision_is_float32_on_the_cpu() -> None:
+    """``dtype: auto`` (the recipe's): float32 iterations on the CPU, where bfloat16 products are slow; bfloat16
+    would round differently, float32 equals an explicit float32."""
+    results = {}
+    for dtype in ("auto", "float32", "bfloat16"):
+        model = hidden_mlp(torch.float32)
+        opt = precond.build("muon", model, set={"transform.0.dtype": dtype})
+        for x, y in batches(torch.float32, n=3):
+            opt.step(lambda: classify(model, x, y))  # noqa: B023
+        results[dtype] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(results["auto"], results["float32"])
+    assert not torch.equal(results["auto"], results["bfloat16"])

@@ -60,7 +60,7 @@ def test_shape_scales() -> None:
 
 def recipe(scale: str = "original") -> dict:
     return {"name": "orthogonalized_sgd", "lr": 0.02, "weight_decay": 0.1,
-            "transform": {"type": "newton_schulz", "scale": scale}, "decay": {"type": "decoupled"}}
+            "transform": {"type": "newton_schulz", "scale": scale, "dtype": "bfloat16"}, "decay": {"type": "decoupled"}}
 
 
 @pytest.mark.parametrize("scale", ["original", "match_rms_adamw"])

@@ -15,7 +15,8 @@ steps map singular values ``σ/‖U‖_F`` from ``[3e-3, 1]`` into ``[0.68, 1.2]
 Only matrix products: the path that is fast on a GPU, where ``eigh`` and the SVD
 are slow and serial. Matrices of the same shape are orthogonalized in one
 batched call. ``dtype: bfloat16`` computes as torch.optim.Muon and Keller
-Jordan's code do; ``float32``/``float64`` for accuracy (docs/algorithms.md#newton-schulz).
+Jordan's code do; ``float32``/``float64`` for accuracy; ``auto`` (the default) takes bfloat16 on
+accelerators and float32 on the CPU, where bfloat16 products are slow (docs/algorithms.md#newton-schulz).
 
 ``scale`` multiplies each result by a factor of its matrix shape ``(A, B)`` (a conv kernel's ``(out, in·kh·kw)``):
 ``original`` ``sqrt(max(1, A/B))`` (Keller Jordan), ``match_rms_adamw``
@@ -68,7 +69,11 @@ class NewtonSchulz(Transform):
     )
     steps: int = Field(5, ge=1, le=100, description="iterations (3 matrix products each)")
     eps: float = Field(1e-7, gt=0.0, description="the Frobenius norm is clamped below at this before dividing")
-    dtype: Literal["bfloat16", "float32", "float64"] = Field("bfloat16", description="precision of the iterations")
+    dtype: Literal["auto", "bfloat16", "float32", "float64"] = Field(
+        "auto",
+        description="precision of the iterations; auto: bfloat16 on accelerators (as torch.optim.Muon), float32 on the "
+        "CPU, whose bfloat16 matrix products are tens of times slower than float32 ones",
+    )
     scale: Literal["original", "match_rms_adamw", "none"] = Field(
         "original", description="shape factor of each result: sqrt(max(1, A/B)), 0.2 sqrt(max(A, B)) (Moonlight), or 1"
     )
@@ -87,7 +92,7 @@ class NewtonSchulz(Transform):
 
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         d = direction.materialize()
-        work = DTYPES[self.dtype]
+        work = DTYPES[self.dtype] if self.dtype != "auto" else torch.float32 if d.tensors[0].device.type == "cpu" else torch.bfloat16
         by_shape: dict[tuple[int, ...], list[int]] = {}
         matrices = [t.reshape(t.shape[0], -1) for t in d.tensors]
         for i, m in enumerate(matrices):
