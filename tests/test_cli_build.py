@@ -55,3 +55,9 @@ def test_a_slow_recipe_is_timed_on_few_steps(monkeypatch) -> None:
     monkeypatch.setattr(Optimizer, "step", slow)
     s = summarize(load_recipe("adam"), steps=10, budget_s=0.5)
     assert len(seen) == 1 + 2 and s.ms_per_step >= 300  # one warm-up (> budget/4), two timed (> budget)
+
+
+def test_build_says_which_training_loops_the_recipe_runs_in() -> None:
+    out = " ".join(CliRunner().invoke(app, ["build", "kfac", "lbfgs"]).output.split())
+    assert "loops: forward-only closure yes; plain loop yes; torch-style closure yes" in out
+    assert "plain loop no: re-evaluates the loss (a closure to call again); torch-style closure yes" in out

@@ -49,6 +49,7 @@ from precond.cli.recipes import (
     split_scoped_set,
 )
 from precond.cli.report import _fmt_lr, _target_text, compare_markdown, verdict
+from precond.conventions import support
 from precond.errors import PrecondError
 from precond.recipe import builtin_recipes, load_recipe, parse_set, schema
 
@@ -128,6 +129,12 @@ def build(
             f"  step needs: {', '.join(summary.needs)}; state on {model} ({summary.params} parameters): "
             f"{summary.state_bytes / 1024:.1f} KiB = {summary.state_per_param:.2f}x the parameters; "
             f"{summary.ms_per_step:.2f} ms/step (median, {summary.threads} thread{'s' if summary.threads != 1 else ''})",
+            highlight=False,
+        )
+        loops = support(recipe)
+        console.print(
+            f"  loops: forward-only closure {loops.closure}; plain loop {loops.plain}; torch-style closure "
+            f"{loops.torch_closure} (docs/loops.md)",
             highlight=False,
         )
         if recipe.rules:  # type: ignore[attr-defined]  # a field recipe_model() adds
