@@ -206,3 +206,54 @@ def test_soap_does_not_amplify_round_off() -> None:
     moved = {r: float((_mlp_params(r, 1.0) - _mlp_params(r, 1.0 + 1e-7)).abs().max()) for r in ("soap", "soap_official")}
     assert moved["soap"] <= 1e-4, moved
     assert moved["soap_official"] > 1e-3, moved
+
+
+# --- the first moment in the eigenbasis ---------------------------------------------------------------
+
+_MOMENTUM_OUTSIDE = {
+    "structure.first_moment": "none",
+    "momentum": {"type": "ema", "beta": 0.95, "bias_correction": True, "position": "pre"},
+}
+
+
+def _mlp64(recipe: str, overrides: dict, steps: int = 25) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    opt = precond.build(recipe, model, set=overrides)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=g, dtype=D), torch.randn(32, 3, generator=g, dtype=D)
+    for t in range(steps):
+        xt = x + 0.1 * t * torch.sin(x)  # the gradients keep changing: the bases turn on every refresh
+        opt.step(lambda: ((model(xt) - y) ** 2).mean())  # noqa: B023
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("refresh", ["power_qr", "eigh"])
+@pytest.mark.parametrize("recipe", ["soap", "soap_official"])
+def test_first_moment_in_the_eigenbasis_equals_momentum_outside(recipe: str, refresh: str) -> None:
+    """``first_moment: eigenbasis`` (the recipes' own: an EMA of ``Qᵀ G Q``, re-projected from the old basis into
+    the new one on a refresh) against a momentum block in the parameters' coordinates rotated every step: 25
+    float64 steps, refreshes at 1, 11, 21 (power-QR permuting the columns, or eigh), the same parameters."""
+    start = _mlp64(recipe, {}, steps=0)
+    inside = _mlp64(recipe, {"structure.refresh": refresh})
+    outside = _mlp64(recipe, {"structure.refresh": refresh, **_MOMENTUM_OUTSIDE})
+    assert float((inside - outside).norm() / (outside - start).norm()) < 1e-6
+
+
+def test_first_moment_in_the_eigenbasis_refuses_a_second_average() -> None:
+    w = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(PipelineError, match="remove the momentum block"):
+        precond.build("soap", [w], set={"momentum": {"type": "ema", "beta": 0.9, "position": "pre"}})
+    with pytest.raises((RecipeError, PipelineError), match="eigenbasis mode only"):
+        precond.build("shampoo", [w], set={"structure.first_moment": "eigenbasis"})
+
+
+def test_first_moment_before_the_first_basis_is_the_momentum() -> None:
+    """Before the transform's ``start`` no unit has a basis: the first moment is kept in the parameter's
+    coordinates and the direction is the bias-corrected average, as with a momentum block; the first basis then
+    takes it over (the same parameters as the momentum block after 14 steps, start 5)."""
+    over = {"transform.start": 5}
+    start = _mlp64("soap", {}, steps=0)
+    inside = _mlp64("soap", over, steps=14)
+    outside = _mlp64("soap", {**over, **_MOMENTUM_OUTSIDE}, steps=14)
+    assert float((inside - outside).norm() / (outside - start).norm()) < 1e-6

@@ -75,8 +75,10 @@ class Source(Protocol):
         """Write ``blocks`` back into ``out`` (in its tensors' dtypes); the positions written."""
         ...
 
-    def moment_samples(self, ctx: GroupStep, units: list[Unit]) -> list[Tensor]:
-        """The eigenbasis mode's new second-moment sample per unit, in its current bases (global over processes)."""
+    def moment_samples(self, ctx: GroupStep, units: list[Unit], rotated: list[Tensor] | None = None) -> list[Tensor]:
+        """The eigenbasis mode's new second-moment sample per unit, in its current bases (global over processes).
+        ``rotated``: the units' gradient blocks in their bases when the caller has them already (the eigenbasis
+        first moment), for a source whose sample is made from them."""
         ...
 
 
@@ -239,8 +241,9 @@ class LayerSource:
                     written.add(i)
         return written
 
-    def moment_samples(self, ctx: GroupStep, units: list[Unit]) -> list[Tensor]:
-        """EKFAC: ``w Σ_r (Q_Gᵀ g_r)² (Q_Aᵀ a_r)²ᵀ`` per unit, averaged over the processes' batches."""
+    def moment_samples(self, ctx: GroupStep, units: list[Unit], rotated: list[Tensor] | None = None) -> list[Tensor]:
+        """EKFAC: ``w Σ_r (Q_Gᵀ g_r)² (Q_Aᵀ a_r)²ᵀ`` per unit, averaged over the processes' batches (``rotated``
+        is not used: the sample is made of the per-row gradients)."""
         out = []
         for u in units:
             q_g, q_a = u.bases()
@@ -340,9 +343,11 @@ class GradientSource:
             out[i] = y if y.dtype == out[i].dtype else y.to(out[i].dtype)
         return set(per_param)
 
-    def moment_samples(self, ctx: GroupStep, units: list[Unit]) -> list[Tensor]:
-        """SOAP: the squared batch gradient in the eigenbasis, ``(Q_1ᵀ G Q_2)²`` (mode products for other orders);
-        DDP has averaged the gradient already."""
+    def moment_samples(self, ctx: GroupStep, units: list[Unit], rotated: list[Tensor] | None = None) -> list[Tensor]:
+        """SOAP: the squared batch gradient in the eigenbasis, ``(Q_1ᵀ G Q_2)²`` (mode products for other orders;
+        ``rotated``: ``Q_1ᵀ G Q_2`` already computed); DDP has averaged the gradient already."""
+        if rotated is not None:
+            return [r.square() for r in rotated]
         out = []
         for u, g in zip(units, self.cut(ctx, units, ctx.grads)):
             qs = u.bases()

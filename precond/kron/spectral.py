@@ -26,7 +26,8 @@ how to apply it, through the kernels of :mod:`precond.linalg.kron`:
   and ``eigh`` only for the first basis. ``null_threshold`` and
   ``relative_eps`` keep it from amplifying round-off: the second moment is
   shared along each factor's (numerical) null space and floored relative to
-  its largest entry (see :class:`Eigenbasis`).
+  its largest entry (see :class:`Eigenbasis`). ``first_moment: eigenbasis`` keeps the first moment there too
+  (an EMA of the rotated direction, projected into the new basis on a refresh; :meth:`Form.committed`).
 
 A new form goes here: a class with ``kept``, ``derive``, ``apply`` (and
 ``supports``, ``prepare``, ``decompose``, ``committed`` when it needs them),
@@ -45,6 +46,7 @@ from precond.errors import PipelineError
 from precond.guard import all_finite
 from precond.kron.accumulate import Accumulation
 from precond.kron.units import Unit
+from precond.layers import factor_dtype
 from precond.linalg.newton import inverse_roots_many
 from precond.linalg.kron import kron_precondition_exact, kron_spectrum, mode_products, pi_adjusted_damping
 from precond.linalg.spectral import (
@@ -80,9 +82,16 @@ class Form:
         """The preconditioned block (``x`` in the factors' dtype)."""
         raise NotImplementedError
 
-    def prepare(self, ctx: GroupStep, units: list[Unit], source: Source) -> list[Unit]:
-        """After the refresh: the units ready to apply."""
-        return units
+    keeps_direction: bool = False  # keeps a state of the direction itself (an EMA): it must arrive materialised
+
+    def prepare(
+        self, ctx: GroupStep, units: list[Unit], source: Source, tensors: list[Tensor]
+    ) -> tuple[list[Unit], list[Tensor]]:
+        """After the refresh, of the units with statistics: those to apply (by default the ones with a
+        preconditioner) and their blocks of ``tensors`` (the direction, aligned with ``ctx.params``), as
+        :meth:`apply` takes them."""
+        live = [u for u in units if u.keys.refreshed in u.state]
+        return live, source.cut(ctx, live, tensors)
 
     def decompose(self, units: list[Unit], mats: list[Tensor], float64: bool, transform: Transform) -> list[Any]:
         """The decompositions of the units' factors (``mats``: each unit's factors in order), ``None`` where
@@ -197,13 +206,26 @@ class Eigenbasis(Form):
     """
 
     def __init__(
-        self, beta: float, bias_correction: bool, refresh: str = "eigh", null_threshold: float = 0.0, relative_eps: float = 0.0
+        self,
+        beta: float,
+        bias_correction: bool,
+        refresh: str = "eigh",
+        null_threshold: float = 0.0,
+        relative_eps: float = 0.0,
+        first_beta: float | None = None,
+        first_bias_correction: bool = True,
     ) -> None:
         self.beta = beta
         self.bias_correction = bias_correction
         self.power_qr = refresh == "power_qr"
         self.null_threshold = null_threshold
         self.relative_eps = relative_eps
+        self.first_beta = first_beta  # None: no first moment here (a momentum block keeps it, if any)
+        self.first_bias_correction = first_bias_correction
+        self.keeps_direction = first_beta is not None
+        self._beta1 = first_beta or 0.0  # the first moment's decay at this step (prepare reads the param group's)
+        self._previous: dict[int, list[Tensor] | None] = {}  # per unit being refreshed: its bases before
+        self._masks: dict[int, tuple[tuple[Tensor, ...], list[Tensor | None]]] = {}  # per unit: _small of its values
 
     def kept(self, u: Unit) -> list[tuple[str, tuple[int, ...]]]:
         out = [(key, (n, n)) for key, n in zip(u.keys.basis, u.dims)]
@@ -266,7 +288,16 @@ class Eigenbasis(Form):
         return out
 
     def committed(self, u: Unit) -> None:
-        """``power_qr``: the second moment follows the columns' new order, ``D ← D[…, order_j, …]`` per dimension."""
+        """``power_qr``: the second moment follows the columns' new order, ``D ← D[…, order_j, …]`` per dimension.
+        The first moment (``first_moment: eigenbasis``) is projected from the previous basis (the parameter's
+        coordinates before the first) into the new one: ``M ← M ×_j (Q_jᵀ Q_j,old)``, which the new columns'
+        order and signs are part of."""
+        previous = self._previous.pop(id(u), None)
+        first = u.state.get(u.keys.first_moment)
+        if first is not None:
+            bases = u.bases()
+            turn = [q.mT if old is None else q.mT @ old for q, old in zip(bases, previous or [None] * len(bases))]
+            u.state[u.keys.first_moment] = mode_products(first.to(bases[0].dtype), turn)
         if not self.power_qr:
             return
         orders = [u.state.pop(key) for key in u.keys.order]
@@ -278,14 +309,19 @@ class Eigenbasis(Form):
         u.state[u.keys.moment] = moment
 
     def _small(self, u: Unit) -> list[Tensor | None] | None:
-        """Per factor, its directions in the factor's null space (``null_threshold``; None: no such direction
-        known), or None without a threshold."""
+        """Per factor, its directions in the factor's null space (``null_threshold``; None: no such direction),
+        or None without a threshold. Made once per refresh (the eigenvalues are replaced then), with one host
+        synchronisation, so that the factors without a null space cost nothing on the other steps."""
         if self.null_threshold <= 0 or any(key not in u.state for key in u.keys.values):
             return None
-        out: list[Tensor | None] = []
-        for key in u.keys.values:
-            values = u.state[key]
-            out.append(values < self.null_threshold * values.amax().clamp_min(0))
+        values = tuple(u.state[key] for key in u.keys.values)
+        cached = self._masks.get(id(u))
+        if cached is not None and len(cached[0]) == len(values) and all(a is b for a, b in zip(cached[0], values)):
+            return cached[1]
+        masks = [v < self.null_threshold * v.amax().clamp_min(0) for v in values]
+        present = torch.stack([m.any() for m in masks]).tolist()
+        out: list[Tensor | None] = [m if p else None for m, p in zip(masks, present)]
+        self._masks[id(u)] = (values, out)
         return out
 
     @staticmethod
@@ -312,42 +348,103 @@ class Eigenbasis(Form):
         small = None if moment is None else self._small(u)
         if small is not None:
             u.state[u.keys.moment] = self._fibres(moment, small, mean=True)  # type: ignore[arg-type]  # not None
+        if self.first_beta is not None:  # the bases the first moment is in, until committed() turns it
+            self._previous[id(u)] = u.bases() if all(key in u.state for key in u.keys.basis) else None
 
     def scale(self, u: Unit, moment: Tensor, transform: Transform) -> Tensor:
         """``f`` of the second moment, along null spaces shared (``null_threshold``) and floored relative to its
         largest entry (``relative_eps``)."""
-        top = moment.amax()
+        top = moment.amax() if self.relative_eps > 0 else None
         small = self._small(u)
         if small is not None:
             moment = self._fibres(moment, small, mean=False)
-        if self.relative_eps > 0:
+        if top is not None:
             moment = torch.maximum(moment, top * self.relative_eps**2)
         return transform.fn(moment)  # type: ignore[attr-defined]  # a spectral transform
 
     def apply(self, u: Unit, x: Tensor, transform: Transform) -> Tensor:
+        """``x``: the block of the direction, or with ``first_moment: eigenbasis`` the unit's first moment (in its
+        eigenbasis, or in the parameter's coordinates before its first basis) as :meth:`prepare` gives it."""
+        if self.first_beta is not None:
+            return self._apply_first(u, x, transform)
         moment = u.state[u.keys.moment]
         if self.bias_correction:
             moment = moment / (1.0 - self.beta ** u.state[u.keys.moment_updates])
         bases = u.bases()
         return kron_precondition_exact(x.to(bases[0].dtype), bases, self.scale(u, moment, transform))
 
-    def prepare(self, ctx: GroupStep, units: list[Unit], source: Source) -> list[Unit]:
-        """``D ← β D + (1-β) D_new`` for the units with statistics of this step, in their current eigenbasis;
-        the units with a second moment are ready."""
-        fresh = [u for u in units if u.state.get(u.keys.updated_at) == ctx.step]
+    def _apply_first(self, u: Unit, first: Tensor, transform: Transform) -> Tensor:
+        """``Q (M̂ ⊙ f(D̂)) Qᵀ`` from the first moment ``M`` in the eigenbasis: one rotation out (2 products for
+        a matrix); ``M̂`` unchanged where the unit has no basis or no second moment yet (it passes unscaled, as
+        a momentum block's average would)."""
+        coef = 1.0 / (1.0 - self._beta1 ** u.state[u.keys.first_updates]) if self.first_bias_correction else 1.0
+        if u.keys.refreshed not in u.state:
+            return first * coef
+        bases = u.bases()
+        moment = u.state.get(u.keys.moment)
+        if moment is None:
+            return mode_products(first * coef, list(bases))
+        if self.bias_correction:
+            moment = moment / (1.0 - self.beta ** u.state[u.keys.moment_updates])
+        scaled = first * self.scale(u, moment, transform)
+        if coef != 1.0:
+            scaled.mul_(coef)
+        return mode_products(scaled, list(bases))
+
+    def prepare(
+        self, ctx: GroupStep, units: list[Unit], source: Source, tensors: list[Tensor]
+    ) -> tuple[list[Unit], list[Tensor]]:
+        """``D ← β D + (1-β) D_new`` for the units with a basis and statistics of this step, in their current
+        eigenbasis; the units with a second moment are ready. With ``first_moment: eigenbasis`` also
+        ``M ← β₁ M + (1-β₁) Qᵀ X Q`` for every unit with statistics (``X``: its block of the direction; ``M`` in
+        the parameter's coordinates before the unit's first basis), whose rotated gradient (when the direction
+        is the gradient) is also the second moment's sample: every such unit is returned, with ``M`` as its
+        block."""
+        live = [u for u in units if u.keys.refreshed in u.state]
+        fresh = [u for u in live if u.state.get(u.keys.updated_at) == ctx.step]
+        if self.first_beta is None:
+            if fresh:
+                self._second(fresh, source.moment_samples(ctx, fresh))
+            ready = [u for u in live if u.state.get(u.keys.moment_updates, 0) > 0]
+            return ready, source.cut(ctx, ready, tensors)
+        # this step's decay: the param group's momentum (OneCycleLR cycles it), as a momentum block reads it
+        self._beta1 = beta1 = float(ctx.group.get("momentum", self.first_beta))
+        rotated = []
+        for u, x in zip(units, source.cut(ctx, units, tensors)):
+            if u.keys.refreshed in u.state:
+                bases = u.bases()
+                rotated.append(mode_products(x.to(bases[0].dtype), [q.mT for q in bases]))
+            else:
+                rotated.append(x.to(factor_dtype(x)))
+        firsts, counted = [], {}
+        for u, r in zip(units, rotated):
+            if u.keys.first_moment not in u.state:
+                u.state[u.keys.first_moment] = torch.zeros_like(r)
+            firsts.append(u.state[u.keys.first_moment])
+            counted.setdefault(id(u.state), u)
+        torch._foreach_mul_(firsts, beta1)
+        torch._foreach_add_(firsts, rotated, alpha=1.0 - beta1)
+        for u in counted.values():
+            u.state[u.keys.first_updates] = u.state.get(u.keys.first_updates, 0) + 1
         if fresh:
-            samples = source.moment_samples(ctx, fresh)
-            moments, counted = [], {}
-            for u, new in zip(fresh, samples):
-                if u.keys.moment not in u.state:
-                    u.state[u.keys.moment] = torch.zeros_like(new)
-                moments.append(u.state[u.keys.moment])
-                counted.setdefault(id(u.state), u)  # one count per state dict: the units of a parameter share it
-            torch._foreach_mul_(moments, self.beta)
-            torch._foreach_add_(moments, samples, alpha=1.0 - self.beta)
-            for u in counted.values():
-                u.state[u.keys.moment_updates] = u.state.get(u.keys.moment_updates, 0) + 1
-        return [u for u in units if u.state.get(u.keys.moment_updates, 0) > 0]
+            # the direction is the gradient (no momentum block before): its rotation is the second moment's sample
+            gradient = len(tensors) == len(ctx.grads) and all(a is b for a, b in zip(tensors, ctx.grads))
+            where = {id(u): i for i, u in enumerate(units)}
+            mine = [rotated[where[id(u)]] for u in fresh] if gradient else None
+            self._second(fresh, source.moment_samples(ctx, fresh, mine))
+        return units, [u.state[u.keys.first_moment] for u in units]
+
+    def _second(self, fresh: list[Unit], samples: list[Tensor]) -> None:
+        moments, counted = [], {}
+        for u, new in zip(fresh, samples):
+            if u.keys.moment not in u.state:
+                u.state[u.keys.moment] = torch.zeros_like(new)
+            moments.append(u.state[u.keys.moment])
+            counted.setdefault(id(u.state), u)  # one count per state dict: the units of a parameter share it
+        torch._foreach_mul_(moments, self.beta)
+        torch._foreach_add_(moments, samples, alpha=1.0 - self.beta)
+        for u in counted.values():
+            u.state[u.keys.moment_updates] = u.state.get(u.keys.moment_updates, 0) + 1
 
 
 def form_of(
@@ -361,10 +458,15 @@ def form_of(
     root_method: str = "eigh",
     max_iter: int = 100,
     tol: float = 1e-6,
+    first_beta: float | None = None,
+    first_bias_correction: bool = True,
 ) -> Form:
-    """The form of a ``kronecker`` structure's configuration (the eigenbasis mode ignores the damping form)."""
+    """The form of a ``kronecker`` structure's configuration (the eigenbasis mode ignores the damping form;
+    ``first_beta``: the eigenbasis mode keeps the first moment too)."""
     if spectrum == "eigenbasis":
-        return Eigenbasis(beta, bias_correction, refresh, null_threshold, relative_eps)
+        return Eigenbasis(
+            beta, bias_correction, refresh, null_threshold, relative_eps, first_beta, first_bias_correction
+        )
     if damping_form == "exact":
         return Exact()
     return Roots(damping_form == "factored", root_method, max_iter, tol)

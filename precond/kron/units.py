@@ -22,18 +22,23 @@ class Keys:
     root: tuple[str, ...]
     scale: str
     moment: str
+    first_moment: str  # eigenbasis mode with first_moment: eigenbasis: the EMA of the rotated direction
     refreshed: str
     failures: str
     # per parameter, shared by the units cut from it
     updates: str
     updated_at: str
     moment_updates: str
+    first_updates: str
     failures_total: str
     cache: SpectralCache  # keep-last-good of what a refresh derives, counted under failures / failures_total
 
     def own(self) -> list[str]:
         """Every key that holds this unit's own tensors (dropped by processes that do not own it)."""
-        return [*self.factor, *self.basis, *self.values, *self.order, *self.root, self.scale, self.moment, self.refreshed, self.failures]
+        return [
+            *self.factor, *self.basis, *self.values, *self.order, *self.root,
+            self.scale, self.moment, self.first_moment, self.refreshed, self.failures,
+        ]
 
 
 def make_keys(key: Callable[[str], str], tag: str, k: int, max_failures: int) -> Keys:
@@ -42,13 +47,16 @@ def make_keys(key: Callable[[str], str], tag: str, k: int, max_failures: int) ->
     def per_factor(what: str) -> tuple[str, ...]:
         return tuple(key(f"{what}.{tag}.{j}") for j in range(k))
 
-    scale, moment, refreshed, failures = (key(f"{w}.{tag}") for w in ("scale", "moment", "refreshed", "failures"))
-    updates, updated_at, moment_updates, total = (
-        key(w) for w in ("updates", "updated_at", "moment_updates", "failures_total")
+    scale, moment, first, refreshed, failures = (
+        key(f"{w}.{tag}") for w in ("scale", "moment", "first_moment", "refreshed", "failures")
+    )
+    updates, updated_at, moment_updates, first_updates, total = (
+        key(w) for w in ("updates", "updated_at", "moment_updates", "first_updates", "failures_total")
     )
     return Keys(
-        per_factor("factor"), per_factor("basis"), per_factor("values"), per_factor("order"), per_factor("root"), scale, moment, refreshed, failures,
-        updates, updated_at, moment_updates, total, SpectralCache(failures, total, refreshed, max_failures),
+        per_factor("factor"), per_factor("basis"), per_factor("values"), per_factor("order"), per_factor("root"),
+        scale, moment, first, refreshed, failures, updates, updated_at, moment_updates, first_updates, total,
+        SpectralCache(failures, total, refreshed, max_failures),
     )
 
 

@@ -275,6 +275,8 @@ def split_into_blocks(tensor: Tensor, partition: BlockPartition) -> list[Tensor]
     if tuple(tensor.shape) != partition.shape:
         raise ValueError(f"tensor shape {tuple(tensor.shape)} != partition shape {partition.shape}")
     blocks = [tensor.reshape(partition.merged_shape)]
+    if partition.num_blocks == 1:  # one block: no split (each torch.split costs a small model's step dearly)
+        return blocks
     for dim, sizes in enumerate(partition.splits):
         blocks = [piece for b in blocks for piece in torch.split(b, list(sizes), dim=dim)]
     return blocks

@@ -82,6 +82,11 @@ class Kronecker(Structure):
     ``inverse_root``, EKFAC's corrected natural gradient with ``inverse``. ``D``
     is updated on curvature steps from per-row gradients (layer factors, EKFAC)
     or the batch gradient (gradient factors, SOAP), and kept across refreshes.
+    ``first_moment: eigenbasis`` (SOAP): the structure also keeps the first
+    moment ``M``, an EMA of the direction rotated into the eigenbasis (with no
+    momentum block before it: the gradient, whose rotation is ``D``'s sample
+    too), projected into the new basis on a refresh, and applies
+    ``Q (M̂ ⊙ f(D̂)) Qᵀ``: one rotation in and one out per step.
 
     Refreshes follow the transform's ``every`` and ``start``; before ``start`` no block is preconditioned
     (the factors accumulate from step 1): Distributed Shampoo's ``precondition_frequency`` and
@@ -124,6 +129,19 @@ class Kronecker(Structure):
         "instead of one each, and such a factor is decomposed again on a power_qr refresh; 0: each its own (official "
         "SOAP, EKFAC)",
     )
+    first_moment: Literal["none", "eigenbasis"] = Field(
+        "none",
+        description="eigenbasis only: none (a momentum block, if any, averages the direction in the parameters' "
+        "coordinates); eigenbasis (the official SOAP): the structure keeps the first moment itself, an EMA of the "
+        "direction rotated into the eigenbasis (the rotated gradient, which the second moment uses too), projected "
+        "into the new basis on a refresh: one rotation in and one out per step instead of two each; the recipe has no "
+        "momentum before the transform",
+    )
+    first_moment_beta: float = Field(
+        0.9, ge=0.0, lt=1.0,
+        description="first_moment: eigenbasis: its EMA decay (Adam's beta1); the param-group value 'momentum'",
+    )
+    first_moment_bias_correction: bool = Field(True, description="first_moment: eigenbasis: divide it by 1 - beta^n")
     relative_eps: float = Field(
         0.0,
         ge=0.0,
@@ -147,6 +165,11 @@ class Kronecker(Structure):
     float64: bool = Field(False, description="eigendecompose in float64")
     max_failures: int = Field(5, ge=1, description="raise after this many consecutive failed eigendecompositions of a block")
 
+    def group_defaults(self) -> dict[str, Any]:
+        """``first_moment: eigenbasis`` reads its decay from the param group's ``momentum`` (as a momentum block:
+        ``OneCycleLR`` cycles it)."""
+        return {"momentum": self.first_moment_beta} if self.first_moment == "eigenbasis" else {}
+
     @property
     def fill(self) -> str:
         return f"kronecker.{self.factors}"
@@ -163,6 +186,7 @@ class Kronecker(Structure):
         return form_of(
             self.damping_form, self.spectrum, self.eigenbasis_beta, self.eigenbasis_bias_correction, self.refresh,
             self.null_threshold, self.relative_eps, self.root_method, self.newton_iterations, self.newton_tol,
+            self.first_moment_beta if self.first_moment == "eigenbasis" else None, self.first_moment_bias_correction,
         )
 
     def supports(self, transform: Transform) -> bool:
@@ -188,7 +212,8 @@ class Kronecker(Structure):
 
     def _mode_problems(self) -> list[tuple[str, str]]:
         out = []
-        for field, default in (("refresh", "eigh"), ("null_threshold", 0.0), ("relative_eps", 0.0)):
+        fields = (("refresh", "eigh"), ("null_threshold", 0.0), ("relative_eps", 0.0), ("first_moment", "none"))
+        for field, default in fields:
             if self.spectrum != "eigenbasis" and getattr(self, field) != default:
                 out.append((
                     f"structure.{field}",
@@ -226,6 +251,24 @@ class Kronecker(Structure):
                     + ": use root_method: eigh, or a p and damping_position: inside that give it"
                 )
 
+    def _check_first_moment(self, served: Served) -> None:
+        """``first_moment: eigenbasis`` averages the direction the structure receives once per step: refused after
+        a momentum block (a second average) and with more than one spectral transform (one average each)."""
+        pipeline = served.pipeline
+        momentum = pipeline.momentum
+        if momentum is not None and getattr(momentum, "position", "pre") == "pre":
+            raise PipelineError(
+                "structure kronecker first_moment: eigenbasis keeps the first moment in the eigenbasis itself; the "
+                f"recipe also averages the gradient before preconditioning (momentum '{momentum.name}', "
+                "position: pre): remove the momentum block, or use first_moment: none"
+            )
+        spectral = [t.name for t in pipeline.transforms if t.spectral]
+        if len(spectral) > 1:
+            raise PipelineError(
+                f"structure kronecker first_moment: eigenbasis averages the direction of one spectral transform; this "
+                f"pipeline has {len(spectral)} ({', '.join(spectral)}): use first_moment: none"
+            )
+
     def stage(self, served: Served) -> KroneckerStage:
         curvature = served.pipeline.curvature
         problem = self._fill_problem(curvature)
@@ -235,6 +278,8 @@ class Kronecker(Structure):
             raise PipelineError(f"structure kronecker: {message}")
         if self.root_method == "coupled_newton":
             self._check_roots(served)
+        if self.first_moment == "eigenbasis":
+            self._check_first_moment(served)
         if served.env.comm.sharded and self.factors == "layer" and self.spectrum == "eigenbasis":
             raise PipelineError(
                 "structure kronecker with factors: layer and spectrum: eigenbasis (EKFAC) needs every process's "
@@ -354,11 +399,17 @@ class KroneckerStage(Stage):
         return u.keys.cache.error(what, _WHY)
 
     def _prepare(
-        self, ctx: GroupStep, units: list[Unit], transform: Transform, owners: list[int] | None = None
-    ) -> tuple[list[Unit], list[Unit]]:
-        """Refresh the units that are due and return the units ready to apply, with those that failed
-        ``max_failures`` times in a row. ``owners`` (replicated mode): each process decomposes the units it owns
-        and every process receives every result, so failures are counted identically everywhere."""
+        self,
+        ctx: GroupStep,
+        units: list[Unit],
+        transform: Transform,
+        direction: list[Tensor],
+        owners: list[int] | None = None,
+    ) -> tuple[list[Unit], list[Tensor], list[Unit]]:
+        """Refresh the units that are due and return the units ready to apply with their blocks of ``direction``
+        (the direction's tensors, as the form applies them), and the units that failed ``max_failures`` times in
+        a row. ``owners`` (replicated mode): each process decomposes the units it owns and every process receives
+        every result, so failures are counted identically everywhere."""
         ready = [u for u in units if u.state.get(u.keys.updates, 0) > 0]
         due = transform.due(ctx.step)
         # nothing before the transform's start (Distributed Shampoo's start_preconditioning_step): the direction
@@ -384,8 +435,8 @@ class KroneckerStage(Stage):
                     failed.append(u)
                 elif derived is not None:
                     self.spectral.committed(u)
-        live = [u for u in ready if u.keys.refreshed in u.state]
-        return self.spectral.prepare(ctx, live, self.source), failed
+        live, blocks = self.spectral.prepare(ctx, ready, self.source, direction)
+        return live, blocks, failed
 
     def _apply(self, u: Unit, x: Tensor, transform: Transform) -> Tensor:
         """Low-precision parameters keep float32 factors: compute in the factors' dtype, return in x's."""
@@ -396,13 +447,14 @@ class KroneckerStage(Stage):
 
     def precondition(self, ctx: GroupStep, transform: Transform, direction: Direction) -> Direction:
         units = self._units(ctx)
+        if self.spectral.keeps_direction and not direction.plain:  # an average of the direction: of its values
+            direction = direction.materialize()
         if self.ownership.sharded:
             return self._precondition_sharded(ctx, units, transform, direction)
         owners = self._owners(ctx, units) if self.ownership.active else None
-        live, failed = self._prepare(ctx, units, transform, owners)
+        live, blocks, failed = self._prepare(ctx, units, transform, direction.tensors, owners)
         if failed:
             raise self._failure(failed[0])
-        blocks = self.source.cut(ctx, live, direction.tensors)
         results = [self._apply(u, x, transform) for u, x in zip(live, blocks)]
         return Direction(assemble(self.source, ctx, live, results, direction), direction.coef, True)
 
@@ -416,8 +468,7 @@ class KroneckerStage(Stage):
         for u, o in zip(units, owners):
             if not self.ownership.mine(o):
                 self._drop(u)
-        live, failed = self._prepare(ctx, mine, transform)
-        blocks = self.source.cut(ctx, live, direction.tensors)
+        live, blocks, failed = self._prepare(ctx, mine, transform, direction.tensors)
         results = {id(u): self._apply(u, x, transform) for u, x in zip(live, blocks)}
         bad = set(map(id, failed))
 
