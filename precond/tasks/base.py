@@ -328,3 +328,21 @@ def standardize(train: Any, test: Any) -> tuple[Any, Any]:
     std = train.std(axis=0)
     std[std < 1e-8] = 1.0
     return (train - mean) / std, (test - mean) / std
+
+
+@torch.no_grad()
+def classification_metrics(
+    model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, float]:
+    """Cross-entropy and accuracy of a classifier on a train and a test set, in eval mode (its mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = {}
+        for split, (x, y) in (("train", train), ("test", test)):
+            logits = model(x)
+            out[f"{split}_loss"] = torch.nn.functional.cross_entropy(logits, y).item()
+            out[f"{split}_accuracy"] = (logits.argmax(-1) == y).double().mean().item()
+        return {k: out[k] for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy")}
+    finally:
+        model.train(was_training)

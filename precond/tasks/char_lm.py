@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import sys
 from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from precond.tasks.base import Forward, TaskInstance, register_task, seeded
-from precond.tasks.tiny_lm import VOCAB, VOCAB_SIZE, TinyTransformerLM
+from precond.tasks.tiny_lm import VOCAB, VOCAB_SIZE, TinyTransformerLM, lm_parts
 
 # pure-Python modules present in every CPython 3.10-3.13 (no Debian-split ones: no tkinter, idlelib,
 # lib2to3, distutils, test); in this order
@@ -122,38 +120,7 @@ def char_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
     eval_test = _windows(test_data, block_size, n_eval)
 
     forward = Forward(model)
-
-    def closure(batch):
-        x, y = batch
-        out = forward(x)
-        return F.cross_entropy(out.reshape(-1, VOCAB_SIZE), y.reshape(-1)), out
-
-    def batches():
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 23)
-        offsets = torch.arange(block_size + 1)
-        while True:
-            starts = torch.randint(0, len(train_data) - block_size - 1, (batch_size,), generator=gen)
-            chunk = train_data[starts[:, None] + offsets]
-            yield chunk[:, :-1], chunk[:, 1:]
-
-    @torch.no_grad()
-    def _loss(windows: torch.Tensor) -> float:
-        out = model(windows[:, :-1])
-        return F.cross_entropy(out.reshape(-1, VOCAB_SIZE), windows[:, 1:].reshape(-1)).item()
-
-    def evaluate() -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            train_loss, test_loss = _loss(eval_train), _loss(eval_test)
-        finally:
-            model.train(was_training)
-        return {
-            "train_loss": train_loss,
-            "test_loss": test_loss,
-            "train_perplexity": math.exp(min(train_loss, 700.0)),
-            "test_perplexity": math.exp(min(test_loss, 700.0)),
-        }
+    closure, batches, evaluate = lm_parts(model, forward, train_data, (eval_train, eval_test), batch_size, block_size, seed * 1_000_003 + 23)
 
     return TaskInstance(
         name="char-lm",

