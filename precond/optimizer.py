@@ -79,13 +79,6 @@ class Pipeline:
     def stages(self) -> list[Any]:
         return [b for b in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay) if b is not None]
 
-    def needs(self) -> Needs:
-        """What the pipeline may need on some step (the plain idiom must satisfy this)."""
-        out = Needs()
-        for block in self.config.blocks():
-            out = out | block.needs()
-        return out
-
     def needs_at(self, step: int) -> Needs:
         """What the pipeline needs on ``step`` (a curvature block only on its refresh steps)."""
         out = Needs()
