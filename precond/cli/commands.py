@@ -7,7 +7,7 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -52,6 +52,9 @@ from precond.cli.report import _fmt_lr, _target_text, compare_markdown, verdict
 from precond.conventions import support
 from precond.errors import PrecondError
 from precond.recipe import builtin_recipes, load_recipe, parse_set, schema
+
+if TYPE_CHECKING:
+    from precond.tasks.base import TaskInstance
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Second-order optimizers declared as recipes.")
 
@@ -435,6 +438,7 @@ def _compare_here(
         fail(exc)
     if default:
         err.print(f"comparing the default set on {instance.name}: {', '.join(factories)}", highlight=False)
+    options = _task_budget(options, instance)
     try:
         skipped = _unbuildable(factories, instance)
     except ValueError as exc:  # a torch optimizer that refuses the model's parameters, with the reason
@@ -497,6 +501,19 @@ def _compare_here(
     con.print(f"wrote {escape(str(out_dir))}/: compare.json, compare.csv, compare.md, compare.png, recipes/, runs/")
 
 
+def _task_budget(options: RunOptions, instance: TaskInstance) -> RunOptions:
+    """``compare`` on a task with a per-run budget (``TaskInstance.compare_budget_s``) and neither ``--steps`` nor
+    ``--time-budget``: each run stops after the task's steps or the budget of training, whichever first."""
+    budget = getattr(instance, "compare_budget_s", None)
+    if budget is None or options.steps is not None or options.time_budget is not None:
+        return options
+    err.print(
+        f"each run: {instance.default_steps} steps or {budget:g} s of training, whichever first (the task's "
+        "default; --steps N alone runs every step, --time-budget sets another budget)", highlight=False,
+    )
+    return replace(options, steps=instance.default_steps, time_budget=float(budget))
+
+
 @app.command()
 def tasks() -> None:
     """List the built-in (and plugin) training tasks for train and compare."""
@@ -514,7 +531,8 @@ def tasks() -> None:
             full, small = build_task(name), build_task(name, short=True)
             op = ">=" if full.higher_is_better else "<="
             target = f"{full.metric} {op} {full.target:g} ({small.target:g})"
-            steps = f"{full.default_steps} ({small.default_steps})"
+            budget = f", compare: or {full.compare_budget_s:g} s" if full.compare_budget_s is not None else ""
+            steps = f"{full.default_steps} ({small.default_steps}){budget}"
             likelihood = str(full.likelihood)
             hints = ", ".join(f"{k} {v:g}" for k, v in full.default_lr.items())
         except Exception as exc:  # noqa: BLE001  (a broken plugin task is listed, not fatal)

@@ -92,8 +92,8 @@ Short = Annotated[bool, typer.Option("--short", help="the task's small, fast var
 Threads = Annotated[
     Optional[int],
     typer.Option(
-        "--threads", min=1, help="torch CPU threads [default: the task's fastest count (precond tasks), at most the "
-        "machine's CPUs: 1 for the small tasks]",
+        "--threads", min=1, help="torch CPU threads [default: the task's most useful count (precond tasks), at most "
+        "the CPUs idle now (usable CPUs less the load average): 1 for the small tasks]",
     ),
 ]
 TimeBudget = Annotated[
@@ -126,12 +126,13 @@ class RunOptions:
     time_budget: Optional[float] = None
 
     def threads_for(self, task: Any) -> int:
-        """``--threads``, else the task's hint (``TaskInstance.threads``) capped at the machine's CPUs."""
+        """``--threads``, else the task's most useful count (``TaskInstance.threads``) capped at the CPUs idle now
+        (:func:`precond.threads.fastest_threads`)."""
         if self.threads:
             return int(self.threads)
-        import os
+        from precond.threads import fastest_threads
 
-        return max(1, min(int(getattr(task, "threads", 1) or 1), os.cpu_count() or 1))
+        return fastest_threads(getattr(task, "threads", 1))
 
     def runner_kwargs(self) -> dict[str, Any]:
         """The keywords of :func:`precond.training.train` / :func:`~precond.training.compare` these set."""

@@ -83,7 +83,8 @@ class TaskInstance:
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     forward: Forward | None = None  # what closure() runs the model through (needed on several processes)
-    threads: int = 1  # torch CPU threads that run its steps fastest (the CLI's --threads default, capped at the CPUs)
+    threads: int = 1  # the most torch CPU threads its steps gain from (the CLI's --threads default, capped at the idle CPUs)
+    compare_budget_s: float | None = None  # `precond compare`'s default per-run training time (with the steps: whichever first)
 
     def reached(self, value: float) -> bool:
         """Whether a metric value reaches ``target``."""
@@ -115,6 +116,7 @@ class TaskInstance:
             "full_batch": self.full_batch,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             "threads_hint": self.threads,
+            "compare_budget_s": self.compare_budget_s,
             **{k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool))},
         }
 

@@ -136,6 +136,7 @@ def char_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
         default_steps=150 if short else 1000,
         eval_every=10 if short else 50,
         default_lr=dict(LR_HINTS),
+        threads=1 if short else 2,  # 2,048 tokens x d 128 a step: two threads gain, more mostly synchronise
         batch_size=batch_size,
         full_batch=False,
         seed=seed,

