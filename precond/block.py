@@ -54,12 +54,21 @@ class Block(BaseModel):
     elementwise: ClassVar[bool] = False  # acts on each entry of a parameter alone (then it runs on FSDP2 shards)
 
     def shard_problem(self) -> str | None:
-        """Why this block cannot run on each process's shards of fully sharded parameters (FSDP2's
-        ``fully_shard``: a process holds some rows of every parameter and of its gradient), None when it works
-        entry by entry (``elementwise``). Such a recipe is refused at build time."""
-        if self.elementwise:
+        """Why this block cannot run on fully sharded parameters (FSDP2's ``fully_shard``: a process holds some
+        rows of every parameter and of its gradient), None when it can: entry by entry on each process's shards
+        (``elementwise``), or on each parameter whole and alone at the parameter's owner (:meth:`gathers`).
+        Such a recipe is refused at build time."""
+        if self.elementwise or self.gathers():
             return None
         return f"{self.kind} '{self.name}' works on whole parameters or layers, not entry by entry"
+
+    def gathers(self) -> bool:
+        """Whether this block works on each parameter whole but alone, from its gradient and its shape (never
+        the parameter's values, nor two parameters at once: a Kronecker factor of one tensor, a norm or matrix
+        function per tensor). Under FSDP2 the pipeline holding such a block runs at each parameter's owner on
+        the gathered whole gradient, and the update's rows go back to their processes (docs/distributed.md);
+        the block then sees a stand-in of the parameter with its shape, dtype and device, not its values."""
+        return False
 
     # --- facts for other blocks (precond.interfaces.Facts), checked when a recipe is validated --------
     produces: ClassVar[frozenset[str]] = frozenset()  # facts this block writes into ctx.facts
@@ -315,7 +324,7 @@ class Structure(Block):
     form: ClassVar[str] = ""
 
     def shard_problem(self) -> str | None:
-        if self.elementwise:
+        if self.elementwise or self.gathers():
             return None
         return f"structure '{self.name}' keeps a {self.form or self.name} preconditioner of whole parameters or layers"
 

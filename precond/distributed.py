@@ -32,6 +32,7 @@ __all__ = [
     "fully_sharded",
     "is_shard",
     "local",
+    "rows_of",
     "Ownership",
     "Block",
     "assign_blocks",
@@ -86,6 +87,14 @@ def shard_to_global(value: object, param: torch.Tensor) -> object:
     )
 
 
+def rows_of(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This process's rows of ``value``, a whole tensor of ``param``'s shape, as ``param`` is laid out (a view)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
 def global_to_shard(value: object, param: torch.Tensor) -> object:
     """The inverse of :func:`shard_to_global`, for loading: a ``DTensor`` state tensor as this process's rows
     of ``param``'s layout (redistributed if laid out otherwise), a whole plain tensor of ``param``'s shape (a
@@ -99,10 +108,7 @@ def global_to_shard(value: object, param: torch.Tensor) -> object:
     shard = local(param)
     if value.dim() == 0 or value.shape == shard.shape or value.shape != param.shape:
         return value
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    return rows_of(value, param)
 
 
 # --------------------------------------------------------------------------- assignment
@@ -266,7 +272,9 @@ class Comm:
     one process whatever the process group). ``fully_sharded``: the parameters
     are ``DTensor`` shards (FSDP2); the element-wise recipes then run on each
     process's shards, the modes do not apply, and the processes agree only on
-    whether a step is skipped (:meth:`agree`). ``traffic`` counts
+    whether a step is skipped (:meth:`agree`); pipelines over whole parameters
+    gather each gradient (:meth:`whole`) at its owner (:meth:`owners`) and send the
+    updates back (:meth:`exchange`). ``traffic`` counts
     the bytes each rank receives, by collective, for the benchmark.
     """
 
@@ -305,6 +313,16 @@ class Comm:
         box = [problem]
         torch.distributed.broadcast_object_list(box, group=self.group, group_src=src)
         return box[0]
+
+    def whole(self, rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """Fully sharded: the whole tensor of which every process holds ``rows`` laid out as ``param`` (an
+        all-gather over ``param``'s mesh; counted as the whole tensor received)."""
+        t = _DTensor.from_local(
+            rows, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        ).full_tensor()
+        if self.active:
+            self._count("all_gather", t.numel(), t.element_size())
+        return t
 
     def _count(self, kind: str, numel: int, itemsize: int) -> None:
         self.traffic[kind] += numel * itemsize

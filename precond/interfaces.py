@@ -172,6 +172,7 @@ class Environment:
     state_of: Callable[[torch.Tensor], dict[str, Any]] = _no_state
     index: Callable[[torch.Tensor], int] = _no_index
     tap: Any = None  # the model's output tap (precond.evaluation.OutputTap): its forward passes' samples
+    param_of: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # fully sharded: a step's shard -> its DTensor
 
 
 @dataclass

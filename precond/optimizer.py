@@ -13,6 +13,7 @@ with no method-specific branches: blocks declare what they need
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from typing import Any, Callable, Iterable
@@ -22,7 +23,7 @@ from torch import nn
 
 from precond.block import CurvatureRecord, Direction, Estimate, GroupStep, Needs, PipelineBlocks, Served, Step
 from precond.conventions import recipe_needs
-from precond.distributed import Comm, fully_sharded, global_to_shard, local, shard_to_global
+from precond.distributed import Comm, fully_sharded, global_to_shard, local, rows_of, shard_to_global
 from precond.errors import CheckpointError, PipelineError, PrecondError
 from precond.evaluation import CLOSURE, PLAIN, Evaluation, OutputTap, evaluate, math_attention_in_forward
 from precond.guard import Guard
@@ -32,6 +33,12 @@ from precond.likelihood_check import OutputGradient, warn_if_mismatch
 from precond.recipe import DEFAULT_RULE, Recipe, builtin_recipes, fingerprint, load_recipe, rule_of
 
 STATE_VERSION = 1
+_FSDP_PLAIN = (
+    "recipe '{recipe}' runs a second backward pass through the model (at labels sampled from it) on its curvature "
+    "steps; under fully_shard precond runs it only inside opt.step(closure), after the closure's forward pass "
+    "(FSDP2 cannot start a backward pass inside yours). Pass a closure that returns (loss, outputs) and does not call "
+    "backward: opt.step(lambda: (loss_fn(out := model(x), y), out))"
+)
 
 
 def group_defaults(recipe: Recipe) -> dict[str, Any]:
@@ -164,8 +171,13 @@ class Optimizer(torch.optim.Optimizer):
         sharded = fully_sharded(p for g in self.param_groups for p in g["params"])
         self.comm = Comm(recipe.distributed.mode, fully_sharded=sharded)
         self._refuse_distributed_problems(configs)
+        # fully sharded: the rules whose pipeline needs each parameter whole (Shampoo, SOAP, Muon) run at each
+        # parameter's owner on the gathered gradient (:meth:`_owned`, :meth:`_scatter`)
+        self._whole_rules = {r for r, c in configs.items() if any(b.gathers() for b in c.blocks())} if sharded else set()
         self._ranks_checked = False
-        self._shards: dict[int, torch.Tensor] = {}
+        self._shards: dict[int, torch.Tensor] = {}  # this step: id of a tensor in a ctx -> its DTensor parameter
+        self._standins: dict[int, torch.Tensor] = {}  # id of an owned DTensor parameter -> its whole-shaped stand-in
+        self._owner_table: tuple[tuple[int, ...], dict[int, int]] | None = None
         self._index: dict[torch.Tensor, int] | None = None
         first = next((p for g in self.param_groups for p in g["params"]), None)
         device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
@@ -180,10 +192,16 @@ class Optimizer(torch.optim.Optimizer):
         self.env = Environment(
             recipe=recipe.name, info=self.param_info, comm=self.comm, model=model, likelihood=self.likelihood,
             generator=self.generator, state_of=self._state_of, index=self.index_of, tap=self.tap,
+            param_of=lambda t: self._shards.get(id(t), t),
         )
         groups = tuple(self.param_groups)
+        # an owner's pipeline sees one process: its blocks own every parameter they are handed, nothing travels
+        self._whole_env = dataclasses.replace(self.env, comm=Comm("off")) if self._whole_rules else self.env
         self.pipelines = {
-            rule: Pipeline(config, Served(self.env, tuple(g for g in groups if g["rule"] == rule), groups, config, configs))
+            rule: Pipeline(config, Served(
+                self._whole_env if rule in self._whole_rules else self.env,
+                tuple(g for g in groups if g["rule"] == rule), groups, config, configs,
+            ))
             for rule, config in configs.items()
         }
         self.step_control: Step = recipe.step.stage(Served(self.env, groups, groups, configs[DEFAULT_RULE], configs))
@@ -210,6 +228,8 @@ class Optimizer(torch.optim.Optimizer):
         pipes = [p for p in self.pipelines.values() if p.record is not None and p.curvature.due(step)]
         if not pipes:
             return
+        if self.comm.fully_sharded:
+            raise PipelineError(_FSDP_PLAIN.format(recipe=self.recipe.name))
         ev = Evaluation(outputs=outputs, output_grad=grad, params=self._trainable(), env=self.env, convention=PLAIN)
         scopes: dict[int, list[torch.Tensor]] = {}
         work = []
@@ -267,10 +287,11 @@ class Optimizer(torch.optim.Optimizer):
         self._prepare(self.global_step + 1)  # hooks on the new layers armed for the next forward pass
 
     def _state_of(self, param: torch.Tensor) -> dict[str, Any]:
-        return self.state[param]  # looked up on every call: load_state_dict replaces self.state
+        return self.state[self._shards.get(id(param), param)]  # looked up on every call: load_state_dict replaces self.state
 
     def index_of(self, param: torch.Tensor) -> int:
         """The parameter's position over all param groups: a stable name (e.g. for block owners)."""
+        param = self._shards.get(id(param), param)  # fully sharded: a shard or an owner's stand-in
         if self._index is None:
             self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return self._index[param]
@@ -315,6 +336,8 @@ class Optimizer(torch.optim.Optimizer):
         if captured is not None and self.likelihood is not None:  # from the step's own backward pass: no extra work
             warn_if_mismatch(self.likelihood, captured, f"recipe '{self.recipe.name}' with likelihood='{self.likelihood.name}'", stacklevel=4)
         ev.env = self.env
+        if self.comm.fully_sharded and self.needs.outputs and ev.convention != CLOSURE:
+            raise PipelineError(_FSDP_PLAIN.format(recipe=self.recipe.name))
         self._unscale(ev, params)
         if self.comm.active and ev.graph_grads is not None:
             # torch.autograd.grad (for a differentiable gradient) bypasses DDP's reducer: average here
@@ -360,32 +383,161 @@ class Optimizer(torch.optim.Optimizer):
         pipes = [self.pipelines[c.group["rule"]] for c in ctxs]
         if self.comm.active and not self._ranks_checked:
             self._check_ranks_agree(ctxs)  # (fully sharded: the parameters that are not DTensors, if any)
-        scopes: dict[int, list[torch.Tensor]] = {}
         for ctx, pipe in zip(ctxs, pipes):
+            pipe.decay.gradient(ctx)  # (l2: entry by entry, on the shards before a whole gradient is gathered)
+        # the pipelines' work: each ctx, or (fully sharded, pipelines over whole parameters) the whole parameters
+        # this process owns; the same on every process but for these
+        whole = [c for c in ctxs if c.group["rule"] in self._whole_rules]
+        work = [(c, p) for c, p in zip(ctxs, pipes) if c.group["rule"] not in self._whole_rules]
+        work += self._owned(whole, ev, step) if whole else []
+        scopes: dict[int, list[torch.Tensor]] = {}
+        for ctx, pipe in work:
             ctx.scope = scopes.setdefault(id(pipe.curvature), [])
             ctx.scope.extend(ctx.params)
-            pipe.decay.gradient(ctx)
-        due = [(c, p) for c, p in zip(ctxs, pipes) if p.curvature is not None and p.curvature.due(step)]
-        problem = self._check_estimates(due)
+        due = [(c, p) for c, p in work if p.curvature is not None and p.curvature.due(step)]
+        whole_due = any((cv := self.pipelines[c.group["rule"]].curvature) is not None and cv.due(step) for c in whole)
+        problem = self._check_estimates(due, whole_due)
         if problem:
             return problem
         self.global_step = step  # from here on the step counts
-        for ctx in ctxs:
+        for ctx, _ in work:
             for s in ctx.states:
                 s["step"] += 1
         for ctx, pipe in due:
             pipe.structure.update(ctx, pipe.curvature_for(ev))
-        self.step_control.prepare(ctxs)
-        directions = [pipe.direction(ctx) for ctx, pipe in zip(ctxs, pipes)]
-        directions = self.step_control.scale(ctxs, directions)
-        directions = [pipe.post(ctx, d) for ctx, d, pipe in zip(ctxs, directions, pipes)]
-        problem = self._check_updates(ctxs, pipes, directions)
+        wctxs = [c for c, _ in work]
+        self.step_control.prepare(wctxs)
+        directions = [pipe.direction(ctx) for ctx, pipe in work]
+        directions = self.step_control.scale(wctxs, directions)
+        directions = [pipe.post(ctx, d) for (ctx, pipe), d in zip(work, directions)]
+        problem = self._check_updates(wctxs, [p for _, p in work], directions, pipes)
         if problem:
             return problem
-        for ctx, pipe in zip(ctxs, pipes):
-            pipe.decay.parameters(ctx)
-        self.step_control.apply(ctxs, directions)
+        if whole:  # every process receives the owners' updates and takes its rows
+            wctxs, directions = self._scatter(ctxs, work, directions)
+        for ctx in wctxs:
+            self.pipelines[ctx.group["rule"]].decay.parameters(ctx)
+        self.step_control.apply(wctxs, directions)
         return None
+
+    # --- fully sharded pipelines over whole parameters: owner computes, rows go back -------------
+
+    def _owners(self) -> dict[int, int]:
+        """The owner process of each parameter of the pipelines over whole parameters (by id): LPT
+        (:func:`precond.distributed.assign_named`) over the parameters by their size, a pure function of the
+        shapes and the number of processes (so a checkpoint's owners are known on loading)."""
+        pairs = [(p, self.pipelines[g["rule"]].config.structure) for g in self.param_groups if g["rule"] in self._whole_rules
+                 for p in g["params"]]
+        key = tuple(id(p) for p, _ in pairs)
+        if self._owner_table is None or self._owner_table[0] != key:
+            costs = [(f"{self.index_of(p):09d}", _state_cost(p, structure)) for p, structure in pairs]
+            params = [p for p, _ in pairs]
+            self._owner_table = (key, {id(p): o for p, o in zip(params, self.comm.owners(costs))})
+        return self._owner_table[1]
+
+    def _standin(self, p: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``p``'s whole shape, dtype and device that holds no memory (the owner's blocks read
+        only a parameter's shape, :meth:`precond.block.Block.gathers`); the same object on every step, so the
+        blocks' per-parameter caches hold."""
+        t = self._standins.get(id(p))
+        if t is None or t.shape != p.shape:
+            t = self._standins[id(p)] = torch.zeros((), dtype=p.dtype, device=local(p).device).expand(p.shape)
+        return t
+
+    def _owned(self, whole: list[GroupStep], ev: Evaluation, step: int) -> list[tuple[GroupStep, Pipeline]]:
+        """The whole gradient of every parameter of ``whole`` (each process's ctx of its rows, after l2
+        decay) gathered on every process (one all-gather per parameter), and a ctx per param group of the
+        parameters this process owns: whole gradients, stand-ins for the parameters, their state."""
+        owners = self._owners()
+        out = []
+        for lc in whole:
+            pipe = self.pipelines[lc.group["rule"]]
+            params, grads, states, steps = [], [], [], []
+            for shard, g in zip(lc.params, lc.grads):
+                p = self._shards[id(shard)]
+                full = self.comm.whole(g, p)  # collective: every process, parameters in the same order
+                if owners[id(p)] != self.comm.rank:
+                    continue
+                standin = self._standin(p)
+                self._shards[id(standin)] = p
+                state = self.state[p]
+                if len(state) <= 1:  # nothing, or the step count every process keeps
+                    state.setdefault("step", 0)
+                    pipe.init_state(standin, state)
+                params.append(standin)
+                grads.append(full)
+                states.append(state)
+                steps.append(state["step"] + 1)
+            if params:
+                ctx = GroupStep(lc.group, params, grads, states, steps, step, ev, self._whole_env, objective_l2=lc.objective_l2)
+                out.append((ctx, pipe))
+        return out
+
+    def _scatter(
+        self, ctxs: list[GroupStep], work: list[tuple[GroupStep, Pipeline]], directions: list[Direction]
+    ) -> tuple[list[GroupStep], list[Direction]]:
+        """The owners' updates to every process, each process's rows of them as the directions of its ctxs of
+        rows; returns the ctxs to apply, in param-group order, with their directions.
+
+        Two all-gathers (:meth:`Comm.exchange`): first, per parameter, its step count, its direction's
+        coefficient and whether a denominator comes (float64: exact), then the direction's tensors (and
+        denominators) in the parameters' dtype, unmaterialized: each process applies its rows exactly as
+        one process applies the whole.
+        """
+        mine: dict[int, tuple[int, float, Direction, int]] = {}  # id of the parameter -> (step, coef, direction, i)
+        done: dict[int, Direction] = {}
+        for (ctx, _), d in zip(work, directions):
+            if ctx.group["rule"] not in self._whole_rules:
+                done[id(ctx)] = d
+                continue
+            coefs = d.coef if isinstance(d.coef, list) else [d.coef] * len(ctx.params)
+            for i, (standin, n, c) in enumerate(zip(ctx.params, ctx.steps, coefs)):
+                mine[id(self._shards[id(standin)])] = (n, float(c), d, i)
+        owners = self._owners()
+        whole = [self._shards[id(s)] for c in ctxs if c.group["rule"] in self._whole_rules for s in c.params]
+        here = [(k, p) for k, p in enumerate(whole) if id(p) in mine]
+        heads = self.comm.exchange(
+            [(owners[id(p)], [[3]]) for p in whole],
+            {k: (float(mine[id(p)][0]), [torch.tensor([mine[id(p)][1], float(mine[id(p)][2].denominator is not None),
+                                                       float(mine[id(p)][2].nonzero)], dtype=torch.float64)])
+             for k, p in here},
+            torch.float64,
+        )
+        dens = [bool(h[1][0][1]) for h in heads]  # type: ignore[index]  # every owner sends (status >= 1)
+        dtype = torch.float32
+        for p in whole:
+            dtype = torch.promote_types(dtype, p.dtype)
+        local_results: dict[int, tuple[float, list[torch.Tensor] | None]] = {}
+        for k, p in here:
+            _, _, d, i = mine[id(p)]
+            local_results[k] = (1.0, [d.tensors[i]] + ([d.denominator[i]] if d.denominator is not None else []))
+        bodies = self.comm.exchange(
+            [(owners[id(p)], [list(p.shape)] * (2 if den else 1)) for p, den in zip(whole, dens)], local_results, dtype
+        )
+        results = iter(zip(heads, bodies))
+        out_ctxs, out_dirs = [], []
+        for c in ctxs:
+            if c.group["rule"] not in self._whole_rules:
+                out_ctxs.append(c)
+                out_dirs.append(done[id(c)])
+                continue
+            tensors, denominators, coefs, nonzero = [], [], [], True
+            for i, shard in enumerate(c.params):
+                (status, head), (_, body) = next(results)
+                assert head is not None and body is not None  # every owner sends (a failed step returned before)
+                p = self._shards[id(shard)]
+                c.steps[i] = self.state[p]["step"] = int(status)  # every process keeps each step count
+                coefs.append(float(head[0][0]))
+                nonzero = nonzero and bool(head[0][2])
+                tensors.append(rows_of(body[0], p).to(shard.dtype))
+                if len(body) > 1:
+                    denominators.append(rows_of(body[1], p).to(shard.dtype))
+            if denominators and len(denominators) != len(tensors):  # (one pipeline: all or none)
+                raise PipelineError("the owners' updates of one param group mix directions with and without a denominator")
+            coef = coefs[0] if all(x == coefs[0] for x in coefs) else coefs
+            out_ctxs.append(c)
+            out_dirs.append(Direction(tensors, coef, True, denominators or None, nonzero))
+        return out_ctxs, out_dirs
 
     # --- the non-finite checks (precond.guard) ------------------------------------------
 
@@ -403,7 +555,7 @@ class Optimizer(torch.optim.Optimizer):
         problem = self.guard.check(first + [local(p.grad) for p in params if p.grad is not None], describe)
         return self.comm.agree(problem) if self.guard.active else problem  # fully sharded: each process saw its shards
 
-    def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]]) -> str | None:
+    def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]], whole_due: bool = False) -> str | None:
         """The fresh estimates, averaged over the processes where they come from local data, then checked.
 
         Each estimate says what it is (:class:`precond.interfaces.Estimate`): a structure may keep several
@@ -413,15 +565,16 @@ class Optimizer(torch.optim.Optimizer):
             (ctx, pipe, _estimates(pipe.structure.estimates(ctx, pipe.curvature_for(ctx.evaluation)), len(ctx.params)))
             for ctx, pipe in due
         ]
-        if self.comm.active:
-            self.comm.mean_([e.tensor for _, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.config.structure.fill) for e in est])
+        if self.comm.active:  # (not at an owner of whole parameters: its statistics are of the global gradient)
+            self.comm.mean_([e.tensor for ctx, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.config.structure.fill)
+                             and ctx.group["rule"] not in self._whole_rules for e in est])
         problem = None
         for ctx, pipe, est in fresh:
             problem = self.guard.check([e.tensor for e in est], lambda i: self._describe_estimate(ctx, pipe, est[i]))  # noqa: B023
             if problem:
                 break
-        if self.guard.active and any(est for _, _, est in fresh):  # the same on every process
-            problem = self.comm.agree(problem)
+        if self.guard.active and (any(est for c, _, est in fresh if c.group["rule"] not in self._whole_rules) or whole_due):
+            problem = self.comm.agree(problem)  # the same on every process (owners: whether a pipeline over whole parameters was due)
         return problem
 
     def _describe_estimate(self, ctx: GroupStep, pipe: Pipeline, estimate: Estimate) -> str:
@@ -432,10 +585,13 @@ class Optimizer(torch.optim.Optimizer):
         where = f"{estimate.part}, in structure '{structure}'" if estimate.part else f"structure '{structure}'"
         return f"curvature '{curvature}' is non-finite for {who} ({where})"
 
-    def _check_updates(self, ctxs: list[GroupStep], pipes: list[Pipeline], directions: list[Direction]) -> str | None:
-        """Statistics advanced already (from finite inputs); a non-finite update leaves the parameters."""
+    def _check_updates(
+        self, ctxs: list[GroupStep], pipes: list[Pipeline], directions: list[Direction], everyone: list[Pipeline]
+    ) -> str | None:
+        """Statistics advanced already (from finite inputs); a non-finite update leaves the parameters.
+        ``everyone``: the pipelines of this step's param groups (the same on every process)."""
         problem = self._first_bad_update(ctxs, pipes, directions)
-        if self.guard.active and any(pipe.update_may_be_nonfinite() for pipe in pipes):  # the same on every process
+        if self.guard.active and any(pipe.update_may_be_nonfinite() for pipe in everyone):  # the same on every process
             problem = self.comm.agree(problem)
         return problem
 
@@ -483,12 +639,14 @@ class Optimizer(torch.optim.Optimizer):
         if self.comm.fully_sharded:
             problems = [p for p in (b.shard_problem() for b in blocks) if p]
             if problems:
+                elementwise, whole = _fully_sharded_recipes()
                 raise PipelineError(
                     f"recipe '{self.recipe.name}' cannot run on fully sharded parameters (FSDP2, fully_shard): "
                     + "; ".join(dict.fromkeys(problems)) + ". Element-wise recipes run under fully_shard ("
-                    + ", ".join(_elementwise_recipes()) + "); K-FAC, Shampoo, SOAP, Muon and the other recipes over "
-                    "whole parameters or layers are not supported under FSDP2 yet: use DistributedDataParallel "
-                    "(docs/distributed.md#fully-sharded-fsdp2)"
+                    + ", ".join(elementwise) + "), and recipes over each whole parameter at its owner ("
+                    + ", ".join(whole) + "); K-FAC and the other recipes over whole layers or several parameters at "
+                    "once, or that differentiate through the model per sample or twice, are not supported under "
+                    "FSDP2 yet: use DistributedDataParallel (docs/distributed.md#fully-sharded-fsdp2)"
                 )
         if not self.comm.active:
             return
@@ -571,6 +729,12 @@ class Optimizer(torch.optim.Optimizer):
             shard = local(p)  # fully sharded: the steps see this process's rows (a view: in-place updates reach p)
             if shard is not p:
                 self._shards[id(shard)] = p
+            if group["rule"] in self._whole_rules:  # its state is at its owner (_owned); the step count comes back
+                params.append(shard)
+                grads.append(local(p.grad))
+                states.append({})
+                steps.append(0)
+                continue
             state = self.state[p]
             if not state:
                 state["step"] = 0
@@ -599,7 +763,11 @@ class Optimizer(torch.optim.Optimizer):
             order = [p for g in self.param_groups for p in g["params"]]
             ids = [i for g in out["param_groups"] for i in g["params"]]
             of = dict(zip(ids, order))
-            out["state"] = {k: {n: shard_to_global(v, of[k]) for n, v in s.items()} for k, s in out["state"].items()}
+            whole = self._whole_params()  # their state: whole tensors at the owner (each saved by its owner alone)
+            out["state"] = {
+                k: s if id(of[k]) in whole else {n: shard_to_global(v, of[k]) for n, v in s.items()}
+                for k, s in out["state"].items()
+            }
         out["precond"] = {
             "version": STATE_VERSION,
             "recipe": self.recipe.name,
@@ -613,6 +781,10 @@ class Optimizer(torch.optim.Optimizer):
         if self.comm.fully_sharded:  # torch.distributed.checkpoint's get_optimizer_state_dict keeps only these two
             out["param_groups"][0]["precond"] = out["precond"]
         return out
+
+    def _whole_params(self) -> set[int]:
+        """The ids of the parameters whose pipeline runs at an owner on whole parameters (fully sharded)."""
+        return {id(p) for g in self.param_groups if g["rule"] in self._whole_rules for p in g["params"]}
 
     def _gather_state(self, local: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
         """The union of every process's state; a block's tensors live on its owner alone."""
@@ -642,11 +814,21 @@ class Optimizer(torch.optim.Optimizer):
         # torch casts floating-point state to its parameter's dtype: put back precond's own (bit for bit)
         order = [p for g in self.param_groups for p in g["params"]]
         saved = [i for sg in state_dict["param_groups"] for i in sg["params"]]
+        whole = self._whole_params()
+        owners = self._owners() if whole else {}
         for key, param in zip(saved, order):
             original = state_dict["state"].get(key)
-            if original is not None:
+            if id(param) in whole:  # a parameter's whole state, kept by its owner alone (at this number of processes)
+                if original is None:
+                    self.state.pop(param, None)
+                elif owners[id(param)] == self.comm.rank:
+                    self.state[param] = {k: _to_device(v, local(param).device) for k, v in original.items()}
+                else:  # the others keep its step count (each process's state names every parameter, as DCP wants)
+                    self.state[param] = {k: v for k, v in original.items() if k == "step"}
+            elif original is not None:
                 self.state[param] = {k: _to_device(global_to_shard(v, param), param.device) for k, v in original.items()}
         self._index = None
+        self._owner_table = None
         self.global_step = int(extra["global_step"])
         self._load_generator(extra["generator"], extra.get("generator_device", "cpu"))
         self.guard.load_state_dict(extra.get("nonfinite", {}))
@@ -716,9 +898,10 @@ class Optimizer(torch.optim.Optimizer):
         return state_dict, extra
 
 
-def _elementwise_recipes() -> list[str]:
-    """The built-in recipes whose every block works entry by entry (they run on fully sharded parameters)."""
-    out = []
+def _fully_sharded_recipes() -> tuple[list[str], list[str]]:
+    """The built-in recipes that run on fully sharded parameters: those whose every block works entry by entry
+    (on each process's shards), and those with blocks over each whole parameter (at its owner)."""
+    elementwise, whole = [], []
     for name in builtin_recipes():
         try:
             recipe = load_recipe(name)
@@ -726,9 +909,26 @@ def _elementwise_recipes() -> list[str]:
             continue
         subs = [recipe] + [r.recipe for r in recipe.rules]
         blocks = [recipe.step] + [b for sub in subs for b in pipeline_blocks(sub).blocks()]
-        if all(b.shard_problem() is None for b in blocks):
-            out.append(name)
-    return sorted(out)
+        if all(b.shard_problem() is None for b in blocks) and not recipe.step.gathers():
+            (whole if any(b.gathers() for b in blocks) else elementwise).append(name)
+    return sorted(elementwise), sorted(whole)
+
+
+def _elementwise_recipes() -> list[str]:
+    """The built-in recipes whose every block works entry by entry (they run on each process's shards)."""
+    return _fully_sharded_recipes()[0]
+
+
+def _state_cost(p: torch.Tensor, structure: Any) -> float:
+    """What a parameter's state weighs at its owner, roughly: its size (momentum, an Adam statistic), plus
+    ``Σ d²`` of the factors of its Kronecker blocks where the structure keeps them (Shampoo, SOAP)."""
+    cost = float(p.numel())
+    if structure is not None and structure.form == "kronecker" and hasattr(structure, "max_dim"):
+        from precond.distributed import kronecker_blocks
+
+        blocks = kronecker_blocks({"p": tuple(p.shape)}, structure.max_dim, merge_dims=structure.merge_dims)
+        cost += sum(b.cost("memory") for b in blocks)
+    return cost
 
 
 def _estimates(items: list[Any], n: int) -> list[Estimate]:

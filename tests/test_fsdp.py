@@ -1,8 +1,10 @@
 """precond under FSDP2 (``torch.distributed.fsdp.fully_shard``) on gloo: 2 CPU processes against one process.
 
-The element-wise recipes run on each process's shards of the DTensor parameters: 2 processes under fully_shard
-equal one process without it on the global batch; the recipes that need whole parameters or layers are refused
-at build, naming what works (docs/distributed.md#fully-sharded-fsdp2).
+The element-wise recipes run on each process's shards of the DTensor parameters; the recipes over each whole
+parameter (Shampoo, SOAP, Muon) at the parameter's owner on the gathered gradient, the update's rows sent back:
+2 processes under fully_shard equal one process without it on the global batch; the recipes that need whole
+layers, several parameters at once or a second pass through the model are refused at build, naming what works
+(docs/distributed.md#fully-sharded-fsdp2).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from precond.errors import PipelineError
 from precond.recipe import load_recipe
 
 STEPS = 10
+WHOLE_STEPS = 20  # the recipes over whole parameters
 GLOBAL_BATCH = 16
 WORLD = 2
 # label: (recipe, build keywords, plain loop (else a closure))
@@ -32,8 +35,31 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     "sgd": ("sgd", {"lr": 0.05, "set": {"momentum.beta": 0.9, "momentum.nesterov": True}}, True),
     "adagrad": ("adagrad", {"lr": 0.05}, True),
 }
-REFUSED = ("kfac", "shampoo", "soap", "muon", "natural_gradient", "psgd_kron", "sophia_g", "sophia_h", "adahessian", "lbfgs")
+# over whole parameters, at their owners. Damping (and SOAP's float64 factors, Muon's eps and lr) where one
+# process on the global batch and 2 processes differ by less than 1e-6 at all: the processes' gradients are the
+# global one to the last bit or so (a mean of means), which the defaults' inverse roots of nearly singular
+# factors amplify to ~3e-5 after 20 steps of this model, under DistributedDataParallel just the same
+WHOLE: dict[str, tuple[str, dict, bool]] = {
+    "shampoo_grafted": ("shampoo_grafted", {"lr": 0.01, "set": {"transform.0.damping": 1e-3}}, True),
+    "soap/closure": ("soap", {"lr": 0.01, "set": {"transform.damping": 1e-2, "structure.float64": True}}, False),
+    "muon": ("muon", {"lr": 0.005, "set": {"transform.0.eps": 1e-3}}, True),
+    "shampoo+l2": ("shampoo", {"lr": 0.01, "weight_decay": 0.01, "set": {"transform.damping": 1e-3}}, True),
+}
+CASES.update(WHOLE)
+# a second backward pass (labels sampled from the model) through FSDP on the curvature steps: with a closure
+SAMPLED: dict[str, tuple[str, dict, bool]] = {
+    "sophia_g/closure": ("sophia_g", {"lr": 0.002, "likelihood": "categorical",
+                                      "set": {"curvature.every": 2, "curvature.start": 2}}, False),
+}
+CASES.update(SAMPLED)
+REFUSED = ("kfac", "ekfac", "natural_gradient", "psgd_kron", "sophia_h", "adahessian", "lbfgs")
 RESUME = "adam"  # opt.state_dict() at step STEPS // 2 on every process, loaded into a fresh optimizer
+RESUME_WHOLE = "shampoo_grafted"  # the same, and DCP at 2 processes resumed at 1 (and 4: slow), factors included
+
+
+def _n(label: str) -> int:
+    """The number of steps of a case."""
+    return WHOLE_STEPS if label in WHOLE or label in SAMPLED else STEPS
 
 
 def _model() -> nn.Module:
@@ -53,7 +79,8 @@ def _shard(model: nn.Module) -> nn.Module:
 
 def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)) for _ in range(STEPS)]
+    return [(torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g))
+            for _ in range(max(STEPS, WHOLE_STEPS))]
 
 
 def _build(label: str, model: nn.Module) -> precond.Optimizer:
@@ -82,6 +109,14 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
 
 
+def _state_keys(model: nn.Module, opt: precond.Optimizer) -> list[tuple[str, str]]:
+    """(parameter name, state key) of every tensor this process keeps (get_optimizer_state_dict: collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, opt)["state"]
+    return sorted((name, k) for name, s in state.items() for k, v in s.items() if isinstance(v, torch.Tensor))
+
+
 def _state_bytes(opt: precond.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
@@ -107,17 +142,21 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         results: dict[str, dict] = {}
-        if resume_from is not None:  # another number of processes: resume the DCP checkpoint and stop
-            model = _shard(_model())
-            opt = _build(RESUME, model)
-            _dcp_resume(model, opt, f"{resume_from}/dcp")
-            _steps(model, opt, RESUME, rank, world, STEPS // 2, STEPS)
-            torch.save({"dcp": {"params": _full(model), "global_step": opt.global_step}}, f"{tmp}/rank{rank}.pt")
+        if resume_from is not None:  # another number of processes: resume the DCP checkpoints and stop
+            for label, where in ((RESUME, "dcp"), (RESUME_WHOLE, "dcp-whole")):
+                model = _shard(_model())
+                opt = _build(label, model)
+                _dcp_resume(model, opt, f"{resume_from}/{where}")
+                keys = _state_keys(model, opt)
+                _steps(model, opt, label, rank, world, _n(label) // 2, _n(label))
+                results[where] = {"params": _full(model), "global_step": opt.global_step, "keys": keys,
+                                  "state_bytes": _state_bytes(opt)}
+            torch.save(results, f"{tmp}/rank{rank}.pt")
             return
         for label in CASES:
             model = _shard(_model())
             opt = _build(label, model)
-            _steps(model, opt, label, rank, world, 0, STEPS)
+            _steps(model, opt, label, rank, world, 0, _n(label))
             results[label] = {
                 "params": _full(model), "traffic": dict(opt.comm.traffic), "calls": dict(opt.comm.calls),
                 "state_bytes": _state_bytes(opt), "local_types": sorted({type(v).__name__ for s in opt.state.values() for v in s.values()}),
@@ -158,6 +197,26 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
         _dcp_resume(model, opt, f"{tmp}/dcp")
         _steps(model, opt, RESUME, rank, world, STEPS // 2, STEPS)
         results["dcp"] = {"params": _full(model), "global_step": opt.global_step}
+        # a recipe over whole parameters: each owner's whole state, through opt.state_dict() and through DCP
+        half = WHOLE_STEPS // 2
+        model = _shard(_model())
+        opt = _build(RESUME_WHOLE, model)
+        _steps(model, opt, RESUME_WHOLE, rank, world, 0, half)
+        ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=f"{tmp}/dcp-whole")
+        results["dcp-whole:saved"] = {"keys": _state_keys(model, opt)}
+        model = _shard(_model())
+        opt = _build(RESUME_WHOLE, model)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        _steps(model, opt, RESUME_WHOLE, rank, world, half, WHOLE_STEPS)
+        results["resume-whole"] = {"params": _full(model), "global_step": opt.global_step}
+        model = _shard(_model())
+        opt = _build(RESUME_WHOLE, model)
+        _dcp_resume(model, opt, f"{tmp}/dcp-whole")
+        _steps(model, opt, RESUME_WHOLE, rank, world, half, WHOLE_STEPS)
+        results["dcp-whole"] = {"params": _full(model), "global_step": opt.global_step}
         # a NaN in one process's shard of one gradient: every process skips the step, with the same message
         model = _shard(_model())
         opt = _build("adam", model)
@@ -170,6 +229,15 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
         opt.step()
         results["nan"] = {"step": opt.global_step, "skipped": opt.guard.skipped, "last": opt.guard.last,
                           "unchanged": _max_diff(_full(model), before) == 0.0}
+        try:  # Sophia-G's sampled-label backward runs inside opt.step(closure) only: refused in the plain loop
+            model = _shard(_model())
+            opt = precond.build("sophia_g", model, likelihood="categorical")
+            x, y = _data()[0]
+            F.cross_entropy(model(x[:4]), y[:4]).backward()
+            opt.step()
+            results["sophia_g/plain"] = {"error": None, "step": opt.global_step}
+        except PipelineError as exc:
+            results["sophia_g/plain"] = {"error": str(exc), "step": opt.global_step}
         for recipe in REFUSED:
             try:
                 precond.build(recipe, _shard(_model()), likelihood="categorical")
@@ -206,7 +274,7 @@ def reference() -> dict[str, dict]:
     for label in CASES:
         model = _model()
         opt = _build(label, model)
-        _steps(model, opt, label, 0, 1, 0, STEPS)
+        _steps(model, opt, label, 0, 1, 0, _n(label))
         out[label] = {"params": [p.detach().clone() for p in model.parameters()], "state_bytes": _state_bytes(opt)}
         assert not opt.comm.active and not opt.comm.fully_sharded
     return out
@@ -216,7 +284,10 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((p - q).abs().max()) for p, q in zip(a, b))
 
 
-@pytest.mark.parametrize("label", list(CASES))
+ELEMENTWISE = [label for label in CASES if label not in WHOLE and label not in SAMPLED]
+
+
+@pytest.mark.parametrize("label", ELEMENTWISE)
 def test_fully_sharded_equals_one_process_on_the_global_batch(ranks: list[dict], reference: dict, label: str) -> None:
     start = [p.detach() for p in _model().parameters()]
     assert _max_diff(reference[label]["params"], start) > 1e-3  # the steps moved the parameters
@@ -229,7 +300,7 @@ def test_fully_sharded_equals_one_process_on_the_global_batch(ranks: list[dict],
     assert ranks[0][label]["local_types"] in (["Tensor", "int"], ["Tensor", "int", "float"], ["int"], ["Tensor"])
 
 
-@pytest.mark.parametrize("label", list(CASES))
+@pytest.mark.parametrize("label", ELEMENTWISE)
 def test_no_communication_beyond_fsdps_own_but_the_skip_verdict(ranks: list[dict], label: str) -> None:
     # the element-wise state needs nothing from the other processes; the processes agree once per step whether
     # a step is skipped (one all-reduce of one int64): each process checked only its own shards for NaN/Inf
@@ -238,10 +309,63 @@ def test_no_communication_beyond_fsdps_own_but_the_skip_verdict(ranks: list[dict
         assert r[label]["calls"] == {"all_reduce": STEPS}
 
 
+@pytest.mark.parametrize("label", list(WHOLE))
+def test_recipes_over_whole_parameters_equal_one_process_on_the_global_batch(
+    ranks: list[dict], reference: dict, label: str
+) -> None:
+    """Each parameter's owner runs the blocks on its whole gradient and keeps its whole state: the state per
+    process is about half of one process's and sums to it; the rows of the update come back to every process."""
+    start = [p.detach() for p in _model().parameters()]
+    assert _max_diff(reference[label]["params"], start) > 1e-2  # the steps moved the parameters
+    for r in ranks:
+        assert _max_diff(r[label]["params"], reference[label]["params"]) <= 1e-6
+    total = reference[label]["state_bytes"]
+    assert sum(r[label]["state_bytes"] for r in ranks) == total
+    assert all(r[label]["state_bytes"] < 0.6 * total for r in ranks)  # 52-58 % here (6 parameters over 2 owners)
+
+
+@pytest.mark.parametrize("label", list(WHOLE))
+def test_recipes_over_whole_parameters_move_gradients_and_updates(ranks: list[dict], label: str) -> None:
+    """Per step: an all-gather of each parameter's gradient over whole parameters (the whole tensor received,
+    counted), then two of the owners' results (step count and coefficient; the update): about 2x the gradients'
+    bytes; the skip verdicts are one int64 each."""
+    n = 3 if label == "muon" else 6  # Muon's biases go to AdamW (element-wise, on the shards)
+    grads = 4 * (80 + 20 + 96 if label == "muon" else 221)  # float32 elements of those parameters
+    for r in ranks:
+        assert r[label]["calls"]["all_gather"] == WHOLE_STEPS * (n + 2)
+        assert WHOLE_STEPS * 2 * grads <= r[label]["traffic"]["all_gather"] <= WHOLE_STEPS * 3 * grads
+        assert r[label]["traffic"] == ranks[0][label]["traffic"]
+        assert r[label]["traffic"]["all_reduce"] == 8 * r[label]["calls"]["all_reduce"]
+
+
+@pytest.mark.parametrize("label", list(SAMPLED))
+def test_a_sampled_label_backward_through_fsdp_equals_one_process(ranks: list[dict], reference: dict, label: str) -> None:
+    """Sophia-G: on its curvature steps (every 2nd here) one more backward pass of the loss at sampled labels
+    through the FSDP model gives each process its rows of the global ĝ (reduce-scattered like the gradient);
+    the labels are drawn for the global batch (one all-gather of the batch sizes), the state stays on the rows."""
+    start = [p.detach() for p in _model().parameters()]
+    assert _max_diff(reference[label]["params"], start) > 1e-2
+    for r in ranks:
+        assert _max_diff(r[label]["params"], reference[label]["params"]) <= 1e-6
+        assert r[label]["calls"]["all_gather"] == WHOLE_STEPS // 2 and r[label]["traffic"]["all_gather"] == 16 * WHOLE_STEPS // 2
+    total = reference[label]["state_bytes"]
+    assert sum(r[label]["state_bytes"] for r in ranks) == total
+    assert all(r[label]["state_bytes"] < 0.6 * total for r in ranks)
+
+
+def test_a_sampled_label_backward_is_refused_in_the_plain_loop(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert r["sophia_g/plain"]["step"] == 0
+        assert "recipe 'sophia_g' runs a second backward pass through the model" in r["sophia_g/plain"]["error"]
+        assert "opt.step(closure)" in r["sophia_g/plain"]["error"]
+
+
 def test_a_checkpoint_of_the_shards_resumes_identically(ranks: list[dict]) -> None:
     for r in ranks:
         assert r["resume"]["global_step"] == STEPS
         assert _max_diff(r["resume"]["params"], r[RESUME]["params"]) == 0.0
+        assert r["resume-whole"]["global_step"] == WHOLE_STEPS
+        assert _max_diff(r["resume-whole"]["params"], r[RESUME_WHOLE]["params"]) == 0.0
 
 
 def test_a_one_process_checkpoint_loads_into_the_shards(ranks: list[dict]) -> None:
@@ -258,9 +382,16 @@ def test_a_dcp_checkpoint_resumes_at_two_and_at_one_process(two: tuple[Path, lis
         assert r["dcp:saved"]["types"] == ["DTensor", "int"]
         assert r["dcp"]["global_step"] == STEPS
         assert _max_diff(r["dcp"]["params"], r[RESUME]["params"]) == 0.0  # same processes: bit for bit
+        assert r["dcp-whole"]["global_step"] == WHOLE_STEPS
+        assert _max_diff(r["dcp-whole"]["params"], r[RESUME_WHOLE]["params"]) == 0.0
     (one,) = _spawn(1, tmp_path, resume_from=two[0])  # fully_shard on one process: every row here
     assert one["dcp"]["global_step"] == STEPS
     assert _max_diff(one["dcp"]["params"], ranks[0][RESUME]["params"]) <= 1e-6
+    # Shampoo's factors, roots and grafting statistics, written by their owners at 2, all loaded by the one process
+    saved = sorted(k for r in ranks for k in r["dcp-whole:saved"]["keys"])
+    assert one["dcp-whole"]["keys"] == saved and any("factor" in k or "kron" in k for _, k in saved)
+    assert one["dcp-whole"]["global_step"] == WHOLE_STEPS
+    assert _max_diff(one["dcp-whole"]["params"], ranks[0][RESUME_WHOLE]["params"]) <= 1e-6
 
 
 def test_a_nan_in_one_process_shard_skips_the_step_on_every_process(ranks: list[dict]) -> None:
@@ -276,28 +407,37 @@ def test_recipes_over_whole_parameters_are_refused_naming_what_works(ranks: list
         error = r[f"refused:{recipe}"]["error"]
         assert error is not None and error == ranks[0][f"refused:{recipe}"]["error"]
         assert f"recipe '{recipe}' cannot run on fully sharded parameters (FSDP2, fully_shard)" in error
-        assert "Element-wise recipes run under fully_shard (adagrad, adam, adamw, sgd)" in error
+        assert "Element-wise recipes run under fully_shard (adagrad, adam, adamw, sgd, sophia_g)" in error
+        assert "recipes over each whole parameter at its owner (muon, shampoo, shampoo_grafted, soap, soap_official)" in error
         assert "use DistributedDataParallel" in error
 
 
 def test_refusals_say_which_block_and_why(ranks: list[dict]) -> None:
     errors = {recipe: ranks[0][f"refused:{recipe}"]["error"] for recipe in REFUSED}
-    assert "structure 'kronecker' keeps a kronecker preconditioner of whole parameters or layers" in errors["shampoo"]
-    assert "transform 'newton_schulz'" in errors["muon"]
-    assert "curvature 'sampled_fisher'" in errors["kfac"] and "curvature 'sampled_fisher'" in errors["sophia_g"]
+    assert "structure 'kronecker' with factors: layer keeps K-FAC's factors of whole layers" in errors["kfac"]
+    assert "step 'kl_clip' scales the step by an inner product" in errors["kfac"] and "structure 'kronecker'" in errors["ekfac"]
+    assert "curvature 'sampled_fisher'" not in errors["kfac"]  # (its backward pass runs through FSDP: Sophia-G)
     assert "curvature 'hutchinson' differentiates the gradient again" in errors["adahessian"]
     assert "structure 'full'" in errors["natural_gradient"]
     assert "step 'line_search'" in errors["lbfgs"]
 
 
 def test_elementwise_declarations() -> None:
-    """Blocks declare whether they work entry by entry (Block.elementwise / shard_problem); the defaults refuse."""
-    from precond.optimizer import _elementwise_recipes
+    """Blocks declare whether they work entry by entry (Block.elementwise) or on each whole parameter alone
+    (Block.gathers); shard_problem says why not otherwise, the defaults refuse."""
+    from precond.optimizer import _elementwise_recipes, _fully_sharded_recipes
 
-    assert _elementwise_recipes() == ["adagrad", "adam", "adamw", "sgd"]
-    sophia = load_recipe("sophia_g")  # only its curvature needs more than the shards: a second pass through the model
+    assert _elementwise_recipes() == ["adagrad", "adam", "adamw", "sgd", "sophia_g"]
+    assert _fully_sharded_recipes()[1] == ["muon", "shampoo", "shampoo_grafted", "soap", "soap_official"]
+    shampoo = load_recipe("shampoo_grafted")
+    assert shampoo.structure.gathers() and [t.gathers() for t in shampoo.transform] == [False, True]
+    assert not load_recipe("kfac").structure.gathers() and load_recipe("kfac").structure.shard_problem() is not None
+    rms = load_recipe("sgd", set={"transform": {"type": "clip", "mode": "rms"}}).transform[0]
+    assert rms.gathers() and rms.shard_problem() is None
+    sophia = load_recipe("sophia_g")  # its curvature's second pass through the model runs as an FSDP pass
     assert sophia.structure.shard_problem() is None and all(t.shard_problem() is None for t in sophia.transform)
-    assert sophia.curvature.shard_problem() is not None
+    assert sophia.curvature.shard_problem() is None
+    assert load_recipe("sophia_g", set={"curvature.form": "per_sample"}).curvature.shard_problem() is not None
     assert load_recipe("adam", set={"curvature.form": "per_sample"}).curvature.shard_problem() is not None
     assert load_recipe("sgd", set={"transform": {"type": "clip", "mode": "norm"}}).transform[0].shard_problem() is not None
 
@@ -312,10 +452,14 @@ def test_four_processes_equal_one_process(tmp_path: Path, reference: dict, two: 
     resumed = _spawn(4, tmp_path / "resume", resume_from=two[0])
     for r in resumed:
         assert _max_diff(r["dcp"]["params"], two[1][0][RESUME]["params"]) <= 1e-6
+        assert _max_diff(r["dcp-whole"]["params"], two[1][0][RESUME_WHOLE]["params"]) <= 1e-6
+    assert sorted(k for r in resumed for k in r["dcp-whole"]["keys"]) == sorted(k for r in two[1] for k in r["dcp-whole:saved"]["keys"])
     for label in CASES:
         for r in ranks:
             assert _max_diff(r[label]["params"], reference[label]["params"]) <= 1e-6
         assert sum(r[label]["state_bytes"] for r in ranks) == reference[label]["state_bytes"]
+        if label in WHOLE:  # the largest share falls with the processes (6 parameters: far from an even split)
+            assert max(r[label]["state_bytes"] for r in ranks) < max(r[label]["state_bytes"] for r in two[1])
     assert all(r["nan"]["skipped"] == 1 and r["nan"]["unchanged"] for r in ranks)
 
 
@@ -329,15 +473,15 @@ def _hsdp_worker(rank: int, world: int, tmp: str) -> None:
 
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         results = {}
-        for label in ("adam", "sgd"):
+        for label in ("adam", "sgd", "shampoo_grafted"):
             model = _model()
             for m in model:
                 if isinstance(m, nn.Linear):
                     fully_shard(m, mesh=mesh)
             fully_shard(model, mesh=mesh)
             opt = _build(label, model)
-            _steps(model, opt, label, rank, world, 0, STEPS)
-            results[label] = {"params": _full(model), "traffic": dict(opt.comm.traffic)}
+            _steps(model, opt, label, rank, world, 0, _n(label))
+            results[label] = {"params": _full(model), "traffic": dict(opt.comm.traffic), "state_bytes": _state_bytes(opt)}
         torch.save(results, f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -345,10 +489,15 @@ def _hsdp_worker(rank: int, world: int, tmp: str) -> None:
 
 @pytest.mark.slow
 def test_hsdp_equals_one_process(tmp_path: Path, reference: dict) -> None:
-    """Replicas x shards (~45 s): each process updates its rows; FSDP all-reduces the gradients across replicas."""
+    """Replicas x shards (~45 s): each process updates its rows; FSDP all-reduces the gradients across replicas.
+    Shampoo (grafted): each parameter's owner among all 4 processes, the gradient gathered within its replica."""
     mp.start_processes(_hsdp_worker, args=(4, str(tmp_path)), nprocs=4, join=True, start_method="spawn")
+    states = []
     for r in range(4):
         results = torch.load(tmp_path / f"rank{r}.pt")
-        for label in ("adam", "sgd"):
+        for label in ("adam", "sgd", "shampoo_grafted"):
             assert _max_diff(results[label]["params"], reference[label]["params"]) <= 1e-6
+        for label in ("adam", "sgd"):
             assert results[label]["traffic"] == {"all_reduce": 8 * STEPS}
+        states.append(results["shampoo_grafted"]["state_bytes"])
+    assert sum(states) == reference["shampoo_grafted"]["state_bytes"]

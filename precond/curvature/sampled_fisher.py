@@ -40,8 +40,10 @@ class SampledFisher(Curvature):
     kronecker_factors: ClassVar[frozenset[str]] = frozenset({"layer"})
 
     def shard_problem(self) -> str | None:
-        return ("curvature 'sampled_fisher' backpropagates a loss at sampled labels through the model, whose "
-                "parameters fully_shard gathers only for your own forward and backward passes")
+        if self.form == "batch":
+            return None  # the sampled-label backward runs as an FSDP pass: ĝ reduce-scattered, squared on the rows
+        return ("curvature 'sampled_fisher' with form: per_sample differentiates each sample's loss through the model, "
+                "whose parameters fully_shard gathers only for backward passes of the whole batch")
 
     samples: int = Field(1, ge=1, description="label draws per refresh")
     form: Literal["batch", "per_sample"] = Field("batch", description="batch gradient at sampled labels, or per sample")
@@ -63,6 +65,12 @@ class SampledFisher(Curvature):
         ev = ctx.evaluation
         grads, out, m = sampled_output_grads(ev, "sampled_fisher", self.samples)  # (M, C, S)
         cot = (grads / m).permute(2, 0, 1).reshape(self.samples, *out.shape)  # ∂L(f, ŷ_s)/∂f
+        if ctx.env.comm.fully_sharded:  # backward passes through FSDP: each process its rows of the global ĝ
+            model = [q for q in ctx.env.model.parameters() if q.requires_grad] if ctx.env.model is not None else []
+            everyone = list(dict.fromkeys([*ev.params, *model]))  # every .grad the pass writes, put back after
+            rows = _fsdp_vjp(out, params, cot, everyone, ctx.env.param_of)
+            total = ev.rows(m)
+            return rows, m if total is None else total[1]
         rows = batched_vjp(out, params, lambda a, b: cot[a:b], self.samples, self.chunk)
         if ev.distributed:
             ev.mean_(rows)
@@ -156,3 +164,30 @@ class SampledFisher(Curvature):
         flat = torch.cat([v.reshape(-1) for v in vectors])
         out = scale * (rows.T @ (rows @ flat)) / rows.shape[0]
         return [c.view_as(p) for c, p in zip(torch.split(out, [p.numel() for p in ctx.params]), ctx.params)]
+
+
+def _fsdp_vjp(
+    out: torch.Tensor, shards: list[torch.Tensor], cot: torch.Tensor, everyone: list[torch.Tensor], param_of: Any
+) -> list[torch.Tensor]:
+    """Under FSDP2: ``ĝ_s`` per draw as this process's rows ``(S, *shard.shape)``, each from one backward pass of
+    the cotangent through the model's retained graph. FSDP gathers the parameters for it and reduce-scatters its
+    gradients like the main pass's (the mean over the processes: the global ``ĝ``, nothing left to average);
+    the main pass's gradients are put back afterwards."""
+    from precond.distributed import local
+    from precond.evaluation import own_backward
+
+    params = [param_of(s) for s in shards]
+    saved = [p.grad for p in everyone]
+    draws: list[list[torch.Tensor]] = []
+    try:
+        for s in range(cot.shape[0]):
+            for p in everyone:
+                p.grad = None
+            with torch.enable_grad(), own_backward():
+                out.backward(cot[s], retain_graph=True)
+            draws.append([local(p.grad).detach().clone() if p.grad is not None else torch.zeros_like(x)
+                          for p, x in zip(params, shards)])
+    finally:
+        for p, g in zip(everyone, saved):
+            p.grad = g
+    return [torch.stack([d[i] for d in draws]) for i in range(len(shards))]

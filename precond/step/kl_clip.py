@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -30,6 +30,11 @@ class KLClip(LR):
     gradients). ``ν = 1`` when ``Σ lr²⟨v, g⟩ <= 0``. The last ``ν`` is kept in
     the first such parameter's state as ``step.kl_scale``.
     """
+
+    elementwise: ClassVar[bool] = False  # (not LR's) ν is one inner product over every parameter of its groups
+
+    def shard_problem(self) -> str | None:
+        return "step 'kl_clip' scales the step by an inner product over all parameters of the recipe"
 
     max_kl: float = Field(1e-3, gt=0.0, description="the bound c on lr^2 * sum <f(C) g, g> (K-FAC's kl_clip)")
     scope: Literal["default", "all"] = Field("default", description="param groups the clip measures and scales: the recipe's own rule, or all")

@@ -165,6 +165,17 @@ class Kronecker(Structure):
     float64: bool = Field(False, description="eigendecompose in float64")
     max_failures: int = Field(5, ge=1, description="raise after this many consecutive failed eigendecompositions of a block")
 
+    def gathers(self) -> bool:
+        """``factors: gradient`` (Shampoo, SOAP): each parameter's blocks from its own gradient; under FSDP2 at
+        the parameter's owner. ``factors: layer`` (K-FAC) needs every process's layer statistics: refused there."""
+        return self.factors == "gradient"
+
+    def shard_problem(self) -> str | None:
+        if self.gathers():
+            return None
+        return ("structure 'kronecker' with factors: layer keeps K-FAC's factors of whole layers (a weight and its "
+                "bias together, from layer hooks)")
+
     def group_defaults(self) -> dict[str, Any]:
         """``first_moment: eigenbasis`` reads its decay from the param group's ``momentum`` (as a momentum block:
         ``OneCycleLR`` cycles it)."""

@@ -29,10 +29,12 @@ class Clip(Transform):
         return True
 
     def shard_problem(self) -> str | None:
-        if self.mode == "elementwise":
-            return None
-        whole = "param group" if self.mode == "norm" else "parameter"
-        return f"transform 'clip' with mode: {self.mode} needs each {whole}'s whole norm"
+        if self.mode != "norm":
+            return None  # elementwise: on the shards; rms: each parameter's own norm, at its owner (gathers)
+        return "transform 'clip' with mode: norm needs the norm of the whole param group, whose parameters have different owners"
+
+    def gathers(self) -> bool:
+        return self.mode == "rms"
 
     def apply(self, ctx: GroupStep, direction: Direction) -> Direction:
         d = direction.materialize()

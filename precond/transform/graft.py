@@ -35,6 +35,9 @@ class Graft(Transform):
 
     linear: ClassVar[bool] = False
 
+    def gathers(self) -> bool:
+        return True  # a norm or a matrix function of each whole parameter: under FSDP2 at the parameter's owner
+
     source: Literal["sgd", "adagrad", "adam"] = Field("adam", description="the method whose per-tensor step norm is used")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="adam: EMA decay of the squared gradient")
     eps: float = Field(1e-8, ge=0.0, description="adagrad/adam: added to the root of the statistic; 0, or a normal float32 (>= 1.2e-38)")

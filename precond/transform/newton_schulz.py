@@ -64,6 +64,9 @@ class NewtonSchulz(Transform):
 
     linear: ClassVar[bool] = False  # normalises: a coefficient does not commute with it
 
+    def gathers(self) -> bool:
+        return True  # a norm or a matrix function of each whole parameter: under FSDP2 at the parameter's owner
+
     coefficients: tuple[float, float, float] = Field(
         (3.4445, -4.7750, 2.0315), description="(a, b, c) of p(x) = a x + b x^3 + c x^5: Muon's quintic; (3, -3.2, 1.2) converges to 1"
     )
