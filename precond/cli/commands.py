@@ -262,6 +262,13 @@ def train(
             "1/N of every batch; started by torchrun's launcher); under torchrun the processes exist already",
         ),
     ] = 1,
+    fsdp: Annotated[
+        bool,
+        typer.Option(
+            "--fsdp", help="with --nproc N (or under torchrun): fully shard the model (FSDP2, fully_shard) instead of "
+            "DistributedDataParallel; recipes that cannot run on shards are refused before anything moves",
+        ),
+    ] = False,
 ) -> None:
     """Train one recipe on a built-in task: progress, summary, metrics.json, curve.csv, curve.png.
 
@@ -272,8 +279,10 @@ def train(
     options = TrainOptions(
         task=task, steps=steps, out=out, short=short, threads=threads, eval_every=eval_every,
         stop_at_target=stop_at_target, dtype=dtype, progress=progress, time_budget=time_budget, recipe=recipe,
-        seed=seed, set_=tuple(set_ or ()), lr=lr,
+        seed=seed, set_=tuple(set_ or ()), lr=lr, fsdp=fsdp,
     )
+    if fsdp and nproc < 2 and not launched():
+        fail("--fsdp shards the model over several processes: add --nproc N (N >= 2), or start precond under torchrun")
     if nproc > 1 and not launched():
         raise typer.Exit(launch(nproc, sys.argv[1:]))
     with process_group() as rank:
@@ -302,7 +311,7 @@ def _train_here(options: TrainOptions, rank: Optional[int]) -> None:
     try:
         result = run_train(
             factory, instance.name, seed=options.seed, out_dir=None if rank else out_dir, label=factory.label,
-            config=config, console=err, distributed=rank is not None,
+            config=config, console=err, distributed=("fsdp" if options.fsdp else True) if rank is not None else False,
             **{**options.runner_kwargs(), "threads": options.threads_for(instance)},
         )
     except KeyboardInterrupt:

@@ -156,3 +156,4 @@ class TrainOptions(RunOptions):
     seed: int = 0
     set_: tuple[str, ...] = ()
     lr: Optional[float] = None
+    fsdp: bool = False  # several processes: fully_shard the model instead of DistributedDataParallel

@@ -14,20 +14,30 @@ import torch
 from precond.tasks import TaskInstance
 
 
-def distribute(task: TaskInstance) -> None:
-    """One of several processes: the closure runs the model through DistributedDataParallel and every
-    minibatch is cut into near-equal parts along its first dimension, one per process (equal parts
-    when the batch size divides by the process count; DDP averages the parts with equal weights)."""
+def distribute(task: TaskInstance, sharding: str = "ddp") -> None:
+    """One of several processes: the closure runs the model through DistributedDataParallel (``sharding``
+    ``"ddp"``) or the model is fully sharded in place (``"fsdp"``: ``torch.distributed.fsdp.fully_shard``,
+    every parameter a DTensor cut on its first dimension, so the optimizer built next sees the shards), and
+    every minibatch is cut into near-equal parts along its first dimension, one per process (equal parts
+    when the batch size divides by the process count; DDP and FSDP average the parts with equal weights)."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
+    if sharding not in ("ddp", "fsdp"):
+        raise ValueError(f"sharding must be 'ddp' or 'fsdp', got {sharding!r}")
     if task.forward is None:
         raise ValueError(
             f"task '{task.name}' does not run its closure through TaskInstance.forward, so it cannot train on "
-            "several processes (DistributedDataParallel must wrap the forward pass)"
+            "several processes (DistributedDataParallel or fully_shard must wrap the forward pass)"
         )
     rank, world = dist.get_rank(), dist.get_world_size()
-    task.forward.module = DistributedDataParallel(task.model)
+    if sharding == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        task.forward.module = fully_shard(task.model)
+    else:
+        from torch.nn.parallel import DistributedDataParallel
+
+        task.forward.module = DistributedDataParallel(task.model)
     make = task.train_batches
 
     def part(value: Any) -> Any:
@@ -38,7 +48,7 @@ def distribute(task: TaskInstance) -> None:
         return value
 
     task.train_batches = lambda: (part(batch) for batch in make())
-    task.info = {**task.info, "processes": world}
+    task.info = {**task.info, "processes": world, **({"sharding": "fsdp"} if sharding == "fsdp" else {})}
 
 
 def part_rows(batch: Any) -> int | None:

@@ -173,15 +173,15 @@ class _Run:
         lr_multiplier: float | None = None,
         stop_at_target: bool = False,
         config: Mapping[str, Any] | None = None,
-        distributed: bool = False,
+        distributed: bool | str = False,
         time_budget: float | None = None,
     ):
         self.label = self.description = label
         self.seed = int(seed)
         self.task = build_task(task_name, seed=self.seed, dtype=dtype, short=short)
-        self.distributed = distributed
+        self.distributed = bool(distributed)
         if distributed:
-            ddp.distribute(self.task)
+            ddp.distribute(self.task, "fsdp" if distributed == "fsdp" else "ddp")
         if time_budget is not None and not (time_budget > 0 and math.isfinite(time_budget)):
             raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget}")
         self.time_budget = None if time_budget is None else float(time_budget)
@@ -390,7 +390,7 @@ def train(
     threads: int | None = None,
     config: Mapping[str, Any] | None = None,
     console: Any = None,
-    distributed: bool = False,
+    distributed: bool | str = False,
     time_budget: float | None = None,
 ) -> RunResult:
     """Train one optimizer on a built-in task and return a :class:`RunResult`.
@@ -403,6 +403,9 @@ def train(
     one untimed all-reduce per step) and process 0's evaluations, so all
     take the same decisions (divergence, target, errors) and every figure
     but the timings equals the one-process run's to round-off.
+    ``distributed="fsdp"`` (``precond train --nproc N --fsdp``) fully shards the
+    model instead (``fully_shard``: each process holds its rows of every
+    parameter and the optimizer works on them, docs/distributed.md).
 
     ``steps``/``eval_every`` default to the task's hints; ``short`` builds the
     task's tiny test-mode variant; ``threads`` sets ``torch.set_num_threads``
