@@ -1,6 +1,6 @@
 """Per-step time of a precond recipe against another library's implementation of the same method, side by side.
 
-    python bench/peers.py [--pairs soap,adam] [--rounds 20] [--threads 1]
+    python bench/peers.py [--pairs soap,soap_official,adam] [--rounds 20] [--threads 1]
 
 For each pair the two optimizers train identical copies of the same model on the same batches; rounds of 10
 steps alternate between them in one process (the order flips every round), and the table prints the mean
@@ -9,8 +9,14 @@ per-step time (refreshes amortised: every 10th step refreshes), its ratio precon
 run outside the timer. Peers not installed are skipped with a note:
 
 * ``soap``: ``pytorch_optimizer.SOAP`` (``pip install pytorch_optimizer``), equal settings: betas (0.95, 0.95),
-  shampoo_beta 0.95, eps 1e-8, weight decay 0.01, precondition_frequency 10, max dim 10000.
-* ``adam``: ``torch.optim.Adam`` itself (the floor of an elementwise step).
+  shampoo_beta 0.95, eps 1e-8, weight decay 0.01, precondition_frequency 10, max dim 10000, 1-D tensors
+  diagonal (its default ``precondition_1d=False``, the recipe's ``precondition_1d: false``).
+* ``soap_official``: the same peer against the recipe ``soap_official`` (no null_threshold, no relative_eps).
+* ``soap_heavyball``: ``heavyball.SOAP`` (``pip install heavyball``) with the same settings (merge_dims off,
+  use_precond_schedule off: a refresh every 10 steps), run eagerly (``heavyball.utils.compile_mode = None``): its
+  default compiles every fused function with torch.compile's max-autotune, minutes per model on a CPU.
+* ``adam``: ``torch.optim.Adam`` itself, its default (on a CPU the loop over the tensors; the floor of an
+  elementwise step).
 * ``muon``: ``torch.optim.Muon`` on the matrices plus ``torch.optim.AdamW`` on the rest.
 
 Models: the MLP autoencoder 64-256-128-32-128-256-64 (tanh) at batch 128, and the 512-1024-1024-10 MLP at
@@ -21,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import precond
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's precond (not another installed one)
+import precond  # noqa: E402
 
 
 def autoencoder() -> nn.Module:
@@ -53,14 +62,26 @@ def loss_of(model: nn.Module, x: torch.Tensor, problem: str) -> torch.Tensor:
     return F.cross_entropy(out, (x[:, :10].argmax(1)))
 
 
+RECIPES = {"soap": "soap", "soap_official": "soap_official", "soap_heavyball": "soap", "adam": "adam", "muon": "muon"}
+
+
 def peer(name: str, model: nn.Module) -> torch.optim.Optimizer | None:
-    if name == "soap":
+    if name in ("soap", "soap_official"):
         try:
             from pytorch_optimizer import SOAP
         except ImportError:
             return None
         return SOAP(model.parameters(), lr=3e-3, betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01,
-                    precondition_frequency=10, max_precondition_dim=10000)
+                    precondition_frequency=10, max_precondition_dim=10000, precondition_1d=False)
+    if name == "soap_heavyball":
+        try:
+            import heavyball
+        except ImportError:
+            return None
+        heavyball.utils.compile_mode = None  # eager: its default compiles each fused function (max-autotune)
+        return heavyball.SOAP(model.parameters(), lr=3e-3, betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8,
+                              weight_decay=0.01, precondition_frequency=10, max_precond_dim=10000, merge_dims=False,
+                              precondition_1d=False, use_precond_schedule=False)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     if name == "muon":
@@ -97,7 +118,7 @@ def timed(opt: Any, model: nn.Module, batches: list[torch.Tensor], problem: str)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="soap,adam,muon")
+    parser.add_argument("--pairs", default="soap,soap_official,adam,muon")
     parser.add_argument("--problems", default="autoencoder,wide")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -120,7 +141,7 @@ def main() -> None:
             if other is None:
                 print(f"| {name} | {problem} | | | peer not installed | | |")
                 continue
-            ours = precond.build(name, ours_model)
+            ours = precond.build(RECIPES[name], ours_model)
             adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
             runs: dict[str, list[float]] = {"ours": [], "theirs": [], "adam": []}
             contenders = [("ours", ours, ours_model), ("theirs", other, theirs_model), ("adam", adam, adam_model)]

@@ -32,18 +32,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from rich.console import Console
 
-import precond
-from precond.cli.report import verdict
-from precond.recipe import builtin_recipes
-from precond.tasks import build_task
-from precond.training import compare, render_table
-from precond.training.factories import PlainLoop, Split
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's precond (not another installed one)
+import precond  # noqa: E402
+from precond.cli.report import verdict  # noqa: E402
+from precond.recipe import builtin_recipes  # noqa: E402
+from precond.tasks import build_task  # noqa: E402
+from precond.training import compare, render_table  # noqa: E402
+from precond.training.factories import PlainLoop, Split  # noqa: E402
 
 RECIPES = ("adam", "kfac", "shampoo_grafted", "soap", "sophia_g", "muon")
 # a peer's lr on each task: its recipe's hint where the method is the same, else what its docs suggest
@@ -56,14 +58,16 @@ PEER_LR = {
 }
 
 
-def recipe(name: str, lr: float | None) -> Callable[..., Any]:
+def recipe(name: str, fixed: float | None) -> Callable[..., Any]:
+    """The recipe at ``fixed`` (else the task's hint); the runner passes ``lr`` only under a grid."""
+
     def make(model: torch.nn.Module, likelihood: Any, lr: float | None = None, seed: int = 0, task: Any = None):
-        use = lr if lr is not None else task.lr_hint(name)
+        use = lr if lr is not None else fixed if fixed is not None else task.lr_hint(name)
         return precond.build(name, model, likelihood=likelihood, seed=seed, **({} if use is None else {"lr": use}))
 
     make.label = name  # type: ignore[attr-defined]  # the runner's label attribute
-    if lr is not None:
-        make.lr = lr  # type: ignore[attr-defined]  # what an lr grid multiplies
+    if fixed is not None:
+        make.lr = fixed  # type: ignore[attr-defined]  # what an lr grid multiplies
     return make
 
 

@@ -78,6 +78,8 @@ class Pipeline:
         # loop, torch-style closure); the structure reads it back through this record when the step runs
         needs_graph = config.curvature is not None and config.curvature.needs().outputs
         self.record = CurvatureRecord(self.curvature) if needs_graph else None
+        self._needs: dict[Needs | None, Needs] = {}  # needs_at's unions, by the curvature's needs on the step
+        self._may_be_nonfinite: bool | None = None  # update_may_be_nonfinite, once known
 
     def curvature_for(self, ev: Evaluation) -> Any:
         """The curvature the structure reads on this step: the record of the user's backward passes, or the block."""
@@ -87,18 +89,27 @@ class Pipeline:
         return [b for b in (self.curvature, self.structure, *self.transforms, self.momentum, self.decay) if b is not None]
 
     def needs_at(self, step: int) -> Needs:
-        """What the pipeline needs on ``step`` (a curvature block only on its refresh steps)."""
-        out = Needs()
-        for block in self.config.blocks():
-            out = out | (block.needs_at(step) if block is self.config.curvature else block.needs())
+        """What the pipeline needs on ``step`` (a curvature block only on its refresh steps). The blocks are frozen
+        configurations: the union is made once per value of the curvature's needs (a step's fixed cost)."""
+        curvature = self.config.curvature
+        now = curvature.needs_at(step) if curvature is not None else None
+        out = self._needs.get(now)
+        if out is None:
+            out = Needs()
+            for block in self.config.blocks():
+                out = out | (now if block is curvature else block.needs())
+            self._needs[now] = out
         return out
 
     def update_may_be_nonfinite(self) -> bool:
-        """False when finite gradients and estimates provably give a finite update (Adam, SGD, Sophia)."""
-        c = self.config
-        nonnegative = c.curvature is None or c.curvature.nonnegative()
-        form = c.structure.form if c.structure is not None else ""
-        return not all(t.keeps_finite(form, nonnegative) for t in c.transforms)
+        """False when finite gradients and estimates provably give a finite update (Adam, SGD, Sophia). Asked twice per
+        step, of frozen configurations: decided once."""
+        if self._may_be_nonfinite is None:
+            c = self.config
+            nonnegative = c.curvature is None or c.curvature.nonnegative()
+            form = c.structure.form if c.structure is not None else ""
+            self._may_be_nonfinite = not all(t.keeps_finite(form, nonnegative) for t in c.transforms)
+        return self._may_be_nonfinite
 
     def init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         for block in (self.structure, self.momentum):
@@ -715,9 +726,14 @@ class Optimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _needs_at(self, step: int) -> Needs:
-        out = self.recipe.step.needs()
-        for pipeline in self.pipelines.values():
-            out = out | pipeline.needs_at(step)
+        parts = tuple(pipeline.needs_at(step) for pipeline in self.pipelines.values())
+        cache = self.__dict__.setdefault("_needs_of", {})  # the union per combination of the pipelines' needs
+        out = cache.get(parts)
+        if out is None:
+            out = self.recipe.step.needs()
+            for part in parts:
+                out = out | part
+            cache[parts] = out
         return out
 
     def _gather(self, group: dict[str, Any], ev: Evaluation, step: int) -> GroupStep:

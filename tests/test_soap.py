@@ -181,6 +181,63 @@ def test_soap_shared_second_moment_of_rank_deficient_factors_against_the_equatio
         assert np.abs(a - b).max() < 1e-12, t
 
 
+def reference_adam(grads, lr=3e-3, wd=0.01, beta=0.95, eps=1e-8):
+    """The official SOAP's step of a 1-D tensor (precondition_1d=False: the identity as its basis), in precond's
+    order (a step from step 1, eps after the bias correction): Adam with betas (0.95, 0.95) and decoupled decay."""
+    w = torch.zeros_like(grads[0])
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    steps = []
+    for t, g in enumerate(grads, 1):
+        before = w.clone()
+        m = beta * m + (1 - beta) * g
+        v = beta * v + (1 - beta) * g**2
+        update = (m / (1 - beta**t)) / ((v / (1 - beta**t)).sqrt() + eps)
+        w = w * (1 - lr * wd) - lr * update
+        steps.append((before - w).numpy())
+    return steps
+
+
+@pytest.mark.parametrize("recipe", ["soap_official", "soap"])
+def test_soap_keeps_vectors_diagonal_as_the_official_precondition_1d_false(recipe: str) -> None:
+    """``precondition_1d: false`` (both recipes): a weight and a bias stepped together; the weight as the transcribed
+    SOAP equations, the bias (and a scalar) as Adam in its own coordinates, with no factor kept for them."""
+    gw = grads_stream((5, 4), 23, seed=9)
+    gb = [g[:, 0].clone() for g in grads_stream((6, 1), 23, seed=3)]
+    gs = [torch.randn((), generator=torch.Generator().manual_seed(t), dtype=D) for t in range(23)]
+    w, b, s = (torch.nn.Parameter(torch.zeros(shape, dtype=D)) for shape in ((5, 4), (6,), ()))
+    opt = precond.build(recipe, [w, b, s])
+    steps: dict[str, list] = {"w": [], "b": [], "s": []}
+    for t in range(23):
+        before = {k: p.detach().clone() for k, p in zip("wbs", (w, b, s))}
+        w.grad, b.grad, s.grad = gw[t].clone(), gb[t].clone(), gs[t].clone()
+        opt.step()
+        for k, p in zip("wbs", (w, b, s)):
+            steps[k].append((before[k] - p.detach()).numpy())
+    kw = {} if recipe == "soap_official" else {"null_threshold": 1e-5, "relative_eps": 3e-3}
+    tol = 1e-8 if recipe == "soap_official" else 1e-12
+    for a, r in zip(steps["w"], reference_soap(gw, **kw)[0]):
+        assert np.abs(a - r).max() < tol
+    for k, grads in (("b", gb), ("s", gs)):
+        for t, (a, r) in enumerate(zip(steps[k], reference_adam(grads)), 1):
+            assert np.abs(a - r).max() < 1e-15, (k, t)
+    assert not any(key.startswith(("structure.factor", "structure.basis")) for key in opt.state[b])
+    assert any(key.startswith("structure.factor") for key in opt.state[w])
+
+
+def test_precondition_1d_true_gives_vectors_an_eigenbasis() -> None:
+    b = torch.nn.Parameter(torch.zeros(6, dtype=D))
+    opt = precond.build("soap", [b], set={"structure.precondition_1d": True})
+    for g in grads_stream((6, 1), 3, seed=3):
+        b.grad = g[:, 0].clone()
+        opt.step()
+    assert opt.state[b]["structure.basis.0.0"].shape == (6, 6)
+
+
+def test_precondition_1d_false_is_refused_with_layer_factors() -> None:
+    with pytest.raises((RecipeError, PipelineError), match="precondition_1d"):
+        precond.build("ekfac", torch.nn.Sequential(torch.nn.Linear(3, 2)), set={"structure.precondition_1d": False})
+
+
 def test_eigenbasis_fields_are_refused_outside_the_eigenbasis_mode() -> None:
     with pytest.raises((RecipeError, PipelineError), match="eigenbasis mode only"):
         precond.build("shampoo", [torch.nn.Parameter(torch.zeros(3, 3))], set={"structure.refresh": "power_qr"})

@@ -26,7 +26,16 @@ from torch import Tensor
 from precond.block import Curvature, Direction, Environment, GroupStep, Served
 from precond.errors import PipelineError
 from precond.kron.units import Keys, Unit
-from precond.layers import Layer, Recorder, find_layers, layer_factors, layer_rows, require_one_group, warn_silent
+from precond.layers import (
+    Layer,
+    Recorder,
+    factor_dtype,
+    find_layers,
+    layer_factors,
+    layer_rows,
+    require_one_group,
+    warn_silent,
+)
 from precond.linalg.kron import (
     BlockPartition,
     block_partition,
@@ -279,9 +288,10 @@ class GradientSource:
     """Shampoo's factors: for each block of order ``k`` of the gradient, ``F_i = G_(i) G_(i)ᵀ``. Size-1
     dims are dropped (``merge_dims`` also merges small neighbours) and dims above ``max_dim`` cut."""
 
-    def __init__(self, max_dim: int, merge_dims: bool) -> None:
+    def __init__(self, max_dim: int, merge_dims: bool, precondition_1d: bool = True) -> None:
         self.max_dim = max_dim
         self.merge_dims = merge_dims
+        self.precondition_1d = precondition_1d  # False: a block of one dimension is a diagonal unit (no factor)
 
     def before_closure(self, step: int) -> None:
         """Nothing to arm: the factors come from the gradient."""
@@ -299,7 +309,8 @@ class GradientSource:
         out = []
         for i, p in enumerate(params):
             for b, dims in enumerate(self.partition(p).block_shapes):
-                out.append(Unit(p, str(b), dims, len(dims), keys(str(b), len(dims)), None, (i, b)))
+                diagonal = not self.precondition_1d and len(dims) == 1
+                out.append(Unit(p, str(b), dims, len(dims), keys(str(b), len(dims)), None, (i, b), diagonal))
         return out
 
     def name(self, env: Environment, u: Unit) -> str:
@@ -307,7 +318,7 @@ class GradientSource:
 
     def fresh(self, ctx: GroupStep, curvature: Curvature, units: list[Unit]) -> list[tuple[Unit, list[Tensor]]]:
         est = curvature.kronecker(ctx, None)  # type: ignore[attr-defined]  # it fills Kronecker factors
-        return [(u, _gram(x)) for u, x in zip(units, self.cut(ctx, units, est.gradients))]
+        return [(u, [] if u.diagonal else _gram(x)) for u, x in zip(units, self.cut(ctx, units, est.gradients))]
 
     def labels(self, ctx: GroupStep, u: Unit, fresh: list[Tensor]) -> tuple[tuple[int, ...], list[str]]:
         k = len(fresh)
@@ -320,6 +331,10 @@ class GradientSource:
         out = []
         for u in units:
             i, b = u.where
+            t = tensors[i]
+            if t.shape == u.dims:  # the whole tensor is the unit's one block (no size-1 dims, no cut)
+                out.append(t)
+                continue
             if i not in split:
                 part = self.partition(ctx.params[i])
                 split[i] = split_into_blocks(tensors[i].reshape(part.shape), part)
@@ -332,6 +347,10 @@ class GradientSource:
             per_param.setdefault(u.where[0], []).append((u.where[1], y))
         for i, ys in per_param.items():
             p = ctx.params[i]
+            if len(ys) == 1 and ys[0][1].shape == p.shape:  # one block, the whole tensor
+                y = ys[0][1]
+                out[i] = y if y.dtype == out[i].dtype else y.to(out[i].dtype)
+                continue
             part = self.partition(p)
             if len(ys) == part.num_blocks:
                 pieces = [y for _, y in ys]
@@ -350,6 +369,9 @@ class GradientSource:
             return [r.square() for r in rotated]
         out = []
         for u, g in zip(units, self.cut(ctx, units, ctx.grads)):
+            if u.diagonal:  # the identity as its basis
+                out.append(g.to(factor_dtype(g)).square())
+                continue
             qs = u.bases()
             out.append(mode_products(g.to(qs[0].dtype), [q.mT for q in qs]).square())
         return out

@@ -21,7 +21,7 @@ how to apply it, through the kernels of :mod:`precond.linalg.kron`:
   steps from the source's samples, ``f`` of it applied like :class:`Exact`.
   ``refresh: power_qr`` refreshes a basis as SOAP does — one power iteration
   from the previous basis and a QR decomposition
-  (:func:`~precond.linalg.spectral.power_qr_many`), the second moment permuted
+  (:func:`~precond.linalg.spectral.power_qr`), the second moment permuted
   as the eigenvalue estimates reorder the columns (:meth:`Form.committed`) —
   and ``eigh`` only for the first basis. ``null_threshold`` and
   ``relative_eps`` keep it from amplifying round-off: the second moment is
@@ -55,7 +55,8 @@ from precond.linalg.spectral import (
     eigh_many,
     floor_eigenvalues,
     inverse_root,
-    power_qr_many,
+    power_qr,
+    symmetrize,
 )
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class Eigenbasis(Form):
 
     ``refresh``: ``eigh`` decomposes the factors on every refresh; ``power_qr`` (SOAP's
     ``get_orthogonal_matrix_QR``) decomposes them once, then refreshes each basis by one power iteration
-    from the previous one (:func:`~precond.linalg.spectral.power_qr_many`) and permutes ``D`` along that
+    from the previous one (:func:`~precond.linalg.spectral.power_qr`) and permutes ``D`` along that
     dimension as the eigenvalue estimates reorder the columns (descending).
 
     ``null_threshold`` ``τ > 0``: an index of factor ``i`` whose eigenvalue is below ``τ`` times the factor's
@@ -270,7 +271,7 @@ class Eigenbasis(Form):
                 warm.append(i)
                 previous.append(basis)
         out: list[Any] = [None] * len(mats)
-        for i, res in zip(warm, power_qr_many([mats[i] for i in warm], previous, float64)):
+        for i, res in zip(warm, _power_qr_each([mats[i] for i in warm], previous, float64)):
             out[i] = res
         for i, e in zip(cold, eigh_many([mats[i] for i in cold], float64)):
             if e is not None:
@@ -291,13 +292,17 @@ class Eigenbasis(Form):
         """``power_qr``: the second moment follows the columns' new order, ``D ← D[…, order_j, …]`` per dimension.
         The first moment (``first_moment: eigenbasis``) is projected from the previous basis (the parameter's
         coordinates before the first) into the new one: ``M ← M ×_j (Q_jᵀ Q_j,old)``, which the new columns'
-        order and signs are part of."""
+        order and signs are part of (computed as ``(M ×_j Q_j,old) ×_j Q_jᵀ``, through the parameter's
+        coordinates: per dimension two products of the block's size instead of ``Q_jᵀ Q_j,old``, of the factor's
+        size cubed, and one of the block's; fewer operations whenever the block is not square)."""
         previous = self._previous.pop(id(u), None)
         first = u.state.get(u.keys.first_moment)
         if first is not None:
             bases = u.bases()
-            turn = [q.mT if old is None else q.mT @ old for q, old in zip(bases, previous or [None] * len(bases))]
-            u.state[u.keys.first_moment] = mode_products(first.to(bases[0].dtype), turn)
+            first = first.to(bases[0].dtype)
+            if previous is not None:  # back to the parameter's coordinates: M_old ×_j Q_j,old (fewer products than
+                first = mode_products(first, previous)  # forming Q_jᵀ Q_j,old when the dimensions differ)
+            u.state[u.keys.first_moment] = mode_products(first, [q.mT for q in bases])
         if not self.power_qr:
             return
         orders = [u.state.pop(key) for key in u.keys.order]
@@ -308,10 +313,12 @@ class Eigenbasis(Form):
             moment = moment.index_select(j, order.to(device=moment.device, dtype=torch.long))
         u.state[u.keys.moment] = moment
 
-    def _small(self, u: Unit) -> list[Tensor | None] | None:
-        """Per factor, its directions in the factor's null space (``null_threshold``; None: no such direction),
-        or None without a threshold. Made once per refresh (the eigenvalues are replaced then), with one host
-        synchronisation, so that the factors without a null space cost nothing on the other steps."""
+    def _small(self, u: Unit) -> list[Tensor | slice | None] | None:
+        """Per factor, its directions in the factor's null space (``null_threshold``; None: no such direction), or
+        None without a threshold or with no null space at all. Made once per refresh (the eigenvalues are replaced
+        then), with one host synchronisation, so that the factors without a null space cost nothing on the other
+        steps. The eigenvalues are sorted, so a null space is a run of indices: a ``slice`` (a boolean mask where
+        it is not)."""
         if self.null_threshold <= 0 or any(key not in u.state for key in u.keys.values):
             return None
         values = tuple(u.state[key] for key in u.keys.values)
@@ -319,26 +326,48 @@ class Eigenbasis(Form):
         if cached is not None and len(cached[0]) == len(values) and all(a is b for a, b in zip(cached[0], values)):
             return cached[1]
         masks = [v < self.null_threshold * v.amax().clamp_min(0) for v in values]
-        present = torch.stack([m.any() for m in masks]).tolist()
-        out: list[Tensor | None] = [m if p else None for m, p in zip(masks, present)]
-        self._masks[id(u)] = (values, out)
-        return out
+        flags = torch.cat(masks).tolist()  # one host synchronisation
+        out: list[Tensor | slice | None] = []
+        start = 0
+        for m in masks:
+            idx = [i for i, f in enumerate(flags[start : start + m.numel()]) if f]
+            start += m.numel()
+            if not idx:
+                out.append(None)
+            elif idx[-1] - idx[0] + 1 == len(idx):
+                out.append(slice(idx[0], idx[-1] + 1))
+            else:
+                out.append(m)
+        kept = None if all(m is None for m in out) else out
+        self._masks[id(u)] = (values, kept)
+        return kept
 
     @staticmethod
-    def _fibres(moment: Tensor, small: list[Tensor | None], mean: bool) -> Tensor:
+    def _fibres(moment: Tensor, small: list[Tensor | slice | None], mean: bool, fresh: bool = False) -> Tensor:
         """Each entry of ``moment`` with an index in a factor's null space replaced by the sum (``mean``: the
         mean) over that null space of its fibre, one dimension after the other: the entries along a null
-        space share the energy of the gradient in it, which no rotation inside it changes."""
+        space share the energy of the gradient in it, which no rotation inside it changes. A new tensor, or
+        ``moment`` itself changed in place when ``fresh`` (a temporary of the caller's)."""
         k = moment.dim()
-        zero = torch.zeros((), dtype=moment.dtype, device=moment.device)
         for j, mask in enumerate(small):
             if mask is None:
                 continue
+            if isinstance(mask, slice):  # a run of indices: its sum, written over it
+                count = mask.stop - mask.start
+                total = moment.narrow(j, mask.start, count).sum(dim=j, keepdim=True)
+                if mean:
+                    total = total / count
+                if not fresh:
+                    moment, fresh = moment.clone(), True
+                part = moment.narrow(j, mask.start, count)
+                part.copy_(total.expand_as(part))
+                continue
             where = mask.reshape(*(1,) * j, -1, *(1,) * (k - j - 1))
+            zero = torch.zeros((), dtype=moment.dtype, device=moment.device)
             total = torch.where(where, moment, zero).sum(dim=j, keepdim=True)
             if mean:
                 total = total / mask.sum().clamp_min(1)
-            moment = torch.where(where, total, moment)
+            moment, fresh = torch.where(where, total, moment), True
         return moment
 
     def before_refresh(self, u: Unit) -> None:
@@ -351,15 +380,20 @@ class Eigenbasis(Form):
         if self.first_beta is not None:  # the bases the first moment is in, until committed() turns it
             self._previous[id(u)] = u.bases() if all(key in u.state for key in u.keys.basis) else None
 
-    def scale(self, u: Unit, moment: Tensor, transform: Transform) -> Tensor:
+    def scale(self, u: Unit, moment: Tensor, transform: Transform, fresh: bool = False) -> Tensor:
         """``f`` of the second moment, along null spaces shared (``null_threshold``) and floored relative to its
-        largest entry (``relative_eps``)."""
+        largest entry (``relative_eps``); a diagonal unit (``precondition_1d: false``) has neither: it is Adam's
+        ``f`` entry by entry, as the official SOAP's 1-D tensors. ``fresh``: ``moment`` is the caller's temporary
+        (changed in place). The result is a new tensor."""
+        if u.diagonal:
+            return transform.fn(moment)  # type: ignore[attr-defined]  # a spectral transform
         top = moment.amax() if self.relative_eps > 0 else None
         small = self._small(u)
         if small is not None:
-            moment = self._fibres(moment, small, mean=False)
-        if top is not None:
-            moment = torch.maximum(moment, top * self.relative_eps**2)
+            moment, fresh = self._fibres(moment, small, mean=False, fresh=fresh), True
+        if top is not None:  # max(D̂, floor): in place on a temporary (the same numbers as torch.maximum)
+            floor = top * self.relative_eps**2
+            moment = moment.clamp_min_(floor) if fresh else torch.maximum(moment, floor)
         return transform.fn(moment)  # type: ignore[attr-defined]  # a spectral transform
 
     def apply(self, u: Unit, x: Tensor, transform: Transform) -> Tensor:
@@ -370,6 +404,8 @@ class Eigenbasis(Form):
         moment = u.state[u.keys.moment]
         if self.bias_correction:
             moment = moment / (1.0 - self.beta ** u.state[u.keys.moment_updates])
+        if u.diagonal:
+            return x.to(moment.dtype) * self.scale(u, moment, transform)
         bases = u.bases()
         return kron_precondition_exact(x.to(bases[0].dtype), bases, self.scale(u, moment, transform))
 
@@ -380,16 +416,15 @@ class Eigenbasis(Form):
         coef = 1.0 / (1.0 - self._beta1 ** u.state[u.keys.first_updates]) if self.first_bias_correction else 1.0
         if u.keys.refreshed not in u.state:
             return first * coef
-        bases = u.bases()
         moment = u.state.get(u.keys.moment)
         if moment is None:
-            return mode_products(first * coef, list(bases))
+            return first * coef if u.diagonal else mode_products(first * coef, list(u.bases()))
         if self.bias_correction:
             moment = moment / (1.0 - self.beta ** u.state[u.keys.moment_updates])
-        scaled = first * self.scale(u, moment, transform)
+        scaled = self.scale(u, moment, transform, self.bias_correction).mul_(first)  # a new tensor: scaled in place
         if coef != 1.0:
             scaled.mul_(coef)
-        return mode_products(scaled, list(bases))
+        return scaled if u.diagonal else mode_products(scaled, list(u.bases()))
 
     def prepare(
         self, ctx: GroupStep, units: list[Unit], source: Source, tensors: list[Tensor]
@@ -411,7 +446,7 @@ class Eigenbasis(Form):
         self._beta1 = beta1 = float(ctx.group.get("momentum", self.first_beta))
         rotated = []
         for u, x in zip(units, source.cut(ctx, units, tensors)):
-            if u.keys.refreshed in u.state:
+            if u.keys.refreshed in u.state and not u.diagonal:
                 bases = u.bases()
                 rotated.append(mode_products(x.to(bases[0].dtype), [q.mT for q in bases]))
             else:
@@ -445,6 +480,35 @@ class Eigenbasis(Form):
         torch._foreach_add_(moments, samples, alpha=1.0 - self.beta)
         for u in counted.values():
             u.state[u.keys.moment_updates] = u.state.get(u.keys.moment_updates, 0) + 1
+
+
+def _power_qr_each(mats: list[Tensor], bases: list[Tensor], float64: bool) -> list[PowerQRResult | None]:
+    """:func:`~precond.linalg.spectral.power_qr` of each ``(factor, previous basis)`` pair, one pair at a time: on a
+    CPU a loop of 2-D products and QRs takes about a quarter less than stacking the pairs of one size into a batch
+    (the stacks' copies, the batched QR, the columns permuted by a gather of ``n²`` indices); the same numbers as
+    the batched form (the columns are permuted by ``index_select``). A pair that is not finite, or whose QR fails,
+    goes through :func:`~precond.linalg.spectral.power_qr` (its float64 retry); ``float64``: computed in float64,
+    results in each factor's dtype."""
+    out: list[PowerQRResult | None] = []
+    for mat, basis in zip(mats, bases):
+        dtype = mat.dtype
+        work, old = (mat.double(), basis.double()) if float64 else (mat, basis.to(mat.dtype))
+        res = None
+        if work.dtype in (torch.float32, torch.float64) and all_finite([work, old]):
+            product = symmetrize(work) @ old
+            estimates = (old * product).sum(-2)  # diag(Oᵀ M O)
+            order = torch.argsort(estimates, dim=-1, descending=True)
+            try:
+                q = torch.linalg.qr(product.index_select(-1, order)).Q
+            except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+                q = None
+            values = estimates.index_select(-1, order)
+            if q is not None and all_finite([q, values]):
+                res = PowerQRResult(values, q, order)
+        if res is None:
+            res = power_qr(work, old)
+        out.append(None if res is None else PowerQRResult(res.eigenvalues.to(dtype), res.eigenvectors.to(dtype), res.order))
+    return out
 
 
 def form_of(

@@ -74,12 +74,13 @@ class Unit:
     keys: Keys
     layer: Layer | None = None
     where: tuple[Any, ...] = ()  # layer: (weight index, bias index) in ctx.params; gradient: (param index, block index)
+    diagonal: bool = False  # no factors, the identity as its basis (gradient factors with precondition_1d: false)
     state: dict[str, Any] = field(default_factory=dict)  # the holder's state, bound on every step
 
     @property
     def cost(self) -> float:
-        """The work of a refresh: one ``dim³`` eigendecomposition per factor."""
-        return float(sum(d**3 for d in self.dims))
+        """The work of a refresh: one ``dim³`` eigendecomposition per factor (a diagonal unit: its entries)."""
+        return float(sum(self.dims)) if self.diagonal else float(sum(d**3 for d in self.dims))
 
     def bases(self) -> list[Tensor]:
         return [self.state[k] for k in self.keys.basis]

@@ -52,8 +52,9 @@ class Diagonal(Structure):
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
         diag = ctx.gathered(self.key("diag"))
         accumulate_(diag, curvature.diagonal(ctx), self.accumulate, self.beta)
+        key = self.key("updates")
         for s in ctx.states:
-            s[self.key("updates")] += 1
+            s[key] += 1
         if self.amsgrad:
             torch._foreach_maximum_(ctx.gathered(self.key("max")), diag)
 
@@ -67,7 +68,8 @@ class Diagonal(Structure):
         """The stored tensors and per-tensor divisors (bias correction) or None."""
         values = ctx.gathered(self.key("max") if self.amsgrad else self.key("diag"))
         if self.accumulate == "ema" and self.bias_correction:
-            divisors = [1.0 - self.beta ** s[self.key("updates")] if s[self.key("updates")] else 1.0 for s in ctx.states]
+            key = self.key("updates")
+            divisors = [1.0 - self.beta ** s[key] if s[key] else 1.0 for s in ctx.states]
             return values, divisors
         return values, None
 

@@ -142,6 +142,12 @@ class Kronecker(Structure):
         description="first_moment: eigenbasis: its EMA decay (Adam's beta1); the param-group value 'momentum'",
     )
     first_moment_bias_correction: bool = Field(True, description="first_moment: eigenbasis: divide it by 1 - beta^n")
+    precondition_1d: bool = Field(
+        True,
+        description="eigenbasis mode, gradient factors: false keeps each block of one dimension (a bias, a norm's "
+        "gain, a scalar) diagonal, without a factor: Adam in its own coordinates (the official SOAP's "
+        "precondition_1d=False); true gives it the eigenbasis of its g g^T factor like any block",
+    )
     relative_eps: float = Field(
         0.0,
         ge=0.0,
@@ -223,7 +229,10 @@ class Kronecker(Structure):
 
     def _mode_problems(self) -> list[tuple[str, str]]:
         out = []
-        fields = (("refresh", "eigh"), ("null_threshold", 0.0), ("relative_eps", 0.0), ("first_moment", "none"))
+        fields = (
+            ("refresh", "eigh"), ("null_threshold", 0.0), ("relative_eps", 0.0), ("first_moment", "none"),
+            ("precondition_1d", True),
+        )
         for field, default in fields:
             if self.spectrum != "eigenbasis" and getattr(self, field) != default:
                 out.append((
@@ -231,6 +240,12 @@ class Kronecker(Structure):
                     f"{field}: {getattr(self, field)} acts on the eigenbasis mode only (spectrum: eigenbasis, as SOAP and "
                     f"EKFAC); with spectrum: {self.spectrum} remove it",
                 ))
+        if not self.precondition_1d and self.factors != "gradient":
+            out.append((
+                "structure.precondition_1d",
+                "precondition_1d: false keeps the blocks of one dimension of the gradient diagonal (factors: gradient, "
+                "SOAP); layer factors have two per layer: remove it",
+            ))
         if self.root_method != "eigh" and (self.spectrum != "factors" or self.damping_form == "exact"):
             out.append((
                 "structure.root_method",
@@ -312,7 +327,7 @@ class KroneckerStage(Stage):
         assert curvature is not None  # Kronecker.stage checked that it fills these factors
         self.source: Source = (
             LayerSource(served, curvature, keep_rows=config.spectrum == "eigenbasis", owner=self)
-            if config.factors == "layer" else GradientSource(config.max_dim, config.merge_dims)
+            if config.factors == "layer" else GradientSource(config.max_dim, config.merge_dims, config.precondition_1d)
         )
         self.ownership = Ownership(served.env.comm)
         self.spectral = config.spectral_form()
@@ -320,6 +335,7 @@ class KroneckerStage(Stage):
         self.refresh = Refresh(self.spectral, self.accumulation, config.float64)
         self._units_of: dict[tuple[int, ...], list[Unit]] = {}  # per list of parameters (by id): its units
         self._keys: dict[tuple[str, int], Keys] = {}
+        self._labels: dict[int, tuple[tuple[int, ...], list[str]]] = {}  # per unit (by id): what its factors are
 
     def init_state(self, param: Tensor, state: dict[str, Any]) -> None:
         """Nothing per parameter up front: a unit's factors appear with its first statistics."""
@@ -387,9 +403,15 @@ class KroneckerStage(Stage):
         (K-FAC: ``G`` of the output gradients is factor 0, ``A`` of the inputs factor 1; a gradient cut
         into blocks also names the block)."""
         out: list[Estimate] = []
+        gram = self.config.factors == "gradient"
         for u, fresh in self._batch(ctx, curvature):
-            params, labels = self.source.labels(ctx, u, fresh)
-            out.extend(Estimate(f, params, label) for f, label in zip(fresh, labels))
+            named = self._labels.get(id(u))  # the same for every step of the unit: made once
+            if named is None:
+                named = self._labels[id(u)] = self.source.labels(ctx, u, fresh)
+            params, labels = named
+            # a Gram matrix G_(i) G_(i)ᵀ of a finite gradient is finite where its diagonal is: |F_ab| <= max(F_aa, F_bb)
+            # (Cauchy-Schwarz), so its n diagonal entries are checked instead of its n² entries
+            out.extend(Estimate(f.diagonal() if gram else f, params, label) for f, label in zip(fresh, labels))
         return out
 
     def update(self, ctx: GroupStep, curvature: Curvature) -> None:
@@ -426,6 +448,10 @@ class KroneckerStage(Stage):
         # nothing before the transform's start (Distributed Shampoo's start_preconditioning_step): the direction
         # passes unchanged, the factors accumulate from step 1
         todo = [u for u in ready if due or u.keys.refreshed not in u.state] if ctx.step >= transform.start else []
+        for u in todo:
+            if u.diagonal:  # no factor to decompose: the identity is its basis from the first refresh on
+                u.state[u.keys.refreshed] = ctx.step
+        todo = [u for u in todo if not u.diagonal]
         failed = []
         if todo:
             for u in todo:

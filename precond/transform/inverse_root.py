@@ -46,10 +46,13 @@ class InverseRoot(Transform):
         return self.damping_position == "outside" or finite_power(self.damping, -1.0 / self.p)
 
     def fn(self, eigenvalues: torch.Tensor) -> torch.Tensor:
-        """The spectral function on eigenvalues."""
+        """The spectral function on eigenvalues (a new tensor: ``clamp_min`` makes it, the rest is in place, the same
+        numbers as ``1 / (λ^(1/p) + ε)`` and ``(λ + ε)^(-1/p)`` in one pass less each)."""
+        out = eigenvalues.clamp_min(0)
         if self.damping_position == "outside":
-            return 1.0 / (eigenvalues.clamp_min(0) ** (1.0 / self.p) + self.damping)
-        return (eigenvalues.clamp_min(0) + self.damping) ** (-1.0 / self.p)
+            out = out.sqrt_() if self.p == 2 else out.pow_(1.0 / self.p)
+            return out.add_(self.damping).reciprocal_()
+        return out.add_(self.damping).pow_(-1.0 / self.p)
 
     def kronecker(self) -> tuple[float, float, bool]:
         """``(p, damping, outside)`` for per-factor damping on a Kronecker structure."""
