@@ -236,3 +236,24 @@ def test_the_main_job_full_size(tmp_path: Path):
         if run["label"] == "adam" and run["steps_done"] == 120:
             assert run["reached"], run["evals"][-1]
     assert "first to the target" in " ".join(res.stdout.split()) or "fastest wall-clock" in res.stdout
+
+
+def test_the_verdict_under_a_budget_names_the_fewest_steps_not_the_best_final():
+    """Under a time budget the table ranks by the final metric; the verdict's step and wall-clock lines
+    still name who reached the target in the fewest steps and the least time (char-lm: soap ended best,
+    muon reached the target first)."""
+    from precond.cli.report import verdict
+    from precond.training.results import CompareResult, CompareRow
+
+    def row(label, steps, seconds, final):
+        return CompareRow(label=label, lr=1e-3, lr_multiplier=None, seeds=1, reached=1, steps_done=steps,
+                          steps_to_target=steps, time_to_target_s=seconds, final_metric=final, final_train_loss=0.0,
+                          final_test_loss=0.0, ms_per_step=1.0, rel_ms_per_step=1.0, status="ok", message="")
+
+    rows = [row("soap", 325, 92.6, 6.32), row("muon", 275, 66.2, 6.60), row("adam", 575, 117.0, 6.94)]
+    result = CompareResult(task="char-lm", metric="test_perplexity", higher_is_better=False, target=7.0, steps=1000,
+                           seeds=[0], runs=[], rows=rows, all_rows=rows, time_budget_s=420.0)
+    lines = verdict(result)
+    assert lines[0].startswith("best after 420 s of training each: soap, test_perplexity 6.32")
+    assert lines[1] == "fewest steps to test_perplexity <= 7: muon, 275 steps vs adam 575 (2.09x fewer)"
+    assert lines[2].startswith("fastest wall-clock to target: muon, 66.2 s vs soap 92.6 s (1.40x faster); adam 117 s")

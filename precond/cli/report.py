@@ -51,6 +51,8 @@ def _verdict_target(result, rows, target, by) -> list[str]:
             f"no recipe reached the target {target} in {result.steps} steps; "
             f"best final {result.metric}: {best.label} ({_fmt(best.final_metric)})"
         ]
+    # fewest steps (ties: less wall-clock): the table's order is by the final metric under a time budget
+    reached = sorted(reached, key=lambda r: (r.steps_to_target, r.time_to_target_s))
     first = reached[0]
     others = [r for r in reached if r.label != first.label]
     text = f"fewest steps to {target}: {first.label}, {_fmt(first.steps_to_target)} steps"

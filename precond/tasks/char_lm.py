@@ -135,7 +135,7 @@ def char_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
         target=TARGET[short],
         default_steps=150 if short else 1000,
         eval_every=10 if short else 50,
-        default_lr=dict(LR_HINTS),
+        default_lr=dict(LR_HINTS[short]),
         threads=1 if short else 2,  # 2,048 tokens x d 128 a step: two threads gain, more mostly synchronise
         batch_size=batch_size,
         full_batch=False,
@@ -158,5 +158,13 @@ def char_lm(*, seed: int = 0, dtype: torch.dtype = torch.float32, short: bool = 
     )
 
 
-TARGET = {False: 7.0, True: 16.0}  # full: Adam at 3e-3 reaches 6.89 at step 1000 (seed 0; docs/benchmarks.md)
-LR_HINTS = {"default": 3e-3, "adam": 3e-3, "sgd": 0.3}
+# full: lr-tuned Adam (9e-4) reaches 5.08 at step 900 and 4.79 at step 1000 (seed 0, test tracking the training
+# perplexity: no overfitting; docs/benchmarks.md); 5 is reached inside the default budget, as the issue asks
+TARGET = {False: 5.0, True: 16.0}
+# full: each recipe's best of x0.3/x1/x3 around a first guess, 40 s of training each (seed 0), and Adam's
+# 9e-4 confirmed over 180 s and to the target against 3e-3 (docs/benchmarks.md, char-lm); short: Adam's 3e-3
+LR_HINTS = {
+    False: {"default": 3e-3, "adam": 9e-4, "adamw": 9e-4, "sgd": 0.3, "kfac": 1e-2, "shampoo_grafted": 3e-3,
+            "soap": 9e-3, "sophia_g": 9e-4, "muon": 3e-3},
+    True: {"default": 3e-3, "adam": 3e-3, "sgd": 0.3},
+}
