@@ -187,7 +187,8 @@ def test_a_failing_process_stops_the_others(tmp_path: Path) -> None:
 
 # shampoo as the DDP test above: with shampoo_grafted's defaults this small model's near-singular factors
 # amplify the round-off of the averaged gradient to ~2e-5 relative in 12 steps, under DDP as under FSDP
-@pytest.mark.parametrize("recipe", ["shampoo", pytest.param("adam", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~14 s of subprocesses each; FSDP2 equality in-process runs by default (tests/test_fsdp.py)
+@pytest.mark.parametrize("recipe", ["shampoo", "adam"])
 def test_fsdp_two_processes_equal_one(recipe: str, tmp_path: Path) -> None:
     """`precond train R --nproc 2 --fsdp`: the model under fully_shard, the optimizer on each process's rows
     (Shampoo at each parameter's owner on the gathered gradient); every figure equals one process's."""
@@ -208,10 +209,14 @@ def test_fsdp_two_processes_equal_one(recipe: str, tmp_path: Path) -> None:
     _same_curves(_curve(tmp_path / "one"), _curve(tmp_path / "fsdp"))
 
 
-def test_fsdp_refusals_name_what_works(tmp_path: Path) -> None:
+def test_fsdp_needs_several_processes(tmp_path: Path) -> None:
     done = subprocess.run([*CLI, "train", "adam", "--task", "logistic", "--short", "--fsdp", "--no-progress",
                            "--out", str(tmp_path / "x")], env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--fsdp shards the model over several processes: add --nproc N" in done.stderr
+
+
+@pytest.mark.slow  # ~12 s of subprocesses; the refusal itself is tested in-process in tests/test_fsdp.py
+def test_fsdp_refuses_what_cannot_run_on_shards_before_the_first_step(tmp_path: Path) -> None:
     done = subprocess.run([*CLI, "train", "kfac", "--task", "digits-mlp", "--short", "--steps", "2", "--nproc", "2",
                            "--fsdp", "--no-progress", "--out", str(tmp_path / "k")], env=_env(), capture_output=True,
                           text=True, timeout=300)
