@@ -19,7 +19,8 @@ def usable_cpus() -> int:
 
 
 def idle_cpus() -> int:
-    """The usable CPUs less the machine's load (the one-minute load average, rounded), at least 1.
+    """The usable CPUs less the machine's load (the one-minute load average, rounded; on a process limited to
+    some of the machine's CPUs, their share of it), at least 1.
 
     torch's intra-op threads busy-wait for each other: on a machine whose cores other work keeps busy, more
     threads than idle cores is slower than one thread, often several times (an MNIST-autoencoder Adam step:
@@ -29,6 +30,9 @@ def idle_cpus() -> int:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # Windows
         return cpus
+    total = os.cpu_count() or cpus
+    if total > cpus:  # limited to some of the machine's CPUs (a container): their share of the machine's load
+        load *= cpus / total
     return max(1, min(cpus, cpus - round(load)))
 
 

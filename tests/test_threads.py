@@ -18,8 +18,9 @@ from precond.tasks import build_task
 from precond.tasks.base import register_task, unregister_task
 
 
-def machine(monkeypatch, cpus: int, load: float | None) -> None:
+def machine(monkeypatch, cpus: int, load: float | None, total: int | None = None) -> None:
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: total or cpus)
     if load is None:
         def no_load():
             raise OSError("no load average here")
@@ -36,6 +37,13 @@ def test_idle_cpus_are_the_usable_ones_less_the_load(monkeypatch, cpus, load, id
     machine(monkeypatch, cpus, load)
     assert threads.usable_cpus() == cpus
     assert threads.idle_cpus() == idle
+
+
+def test_a_process_on_some_of_the_cpus_counts_its_share_of_the_load(monkeypatch) -> None:
+    machine(monkeypatch, 2, 32.0, total=64)  # a 2-CPU container on a half-busy 64-CPU host: 1 of its 2 busy
+    assert threads.idle_cpus() == 1
+    machine(monkeypatch, 4, 8.0, total=64)
+    assert threads.idle_cpus() == 4  # 0.5 busy: rounds to none
 
 
 @pytest.mark.parametrize(("task_threads", "cpus", "load", "expected"),
