@@ -930,20 +930,15 @@ def _fully_sharded_recipes() -> tuple[list[str], list[str]]:
     return sorted(elementwise), sorted(whole)
 
 
-def _elementwise_recipes() -> list[str]:
-    """The built-in recipes whose every block works entry by entry (they run on each process's shards)."""
-    return _fully_sharded_recipes()[0]
-
-
 def _state_cost(p: torch.Tensor, structure: Any) -> float:
     """What a parameter's state weighs at its owner, roughly: its size (momentum, an Adam statistic), plus
     ``Σ d²`` of the factors of its Kronecker blocks where the structure keeps them (Shampoo, SOAP)."""
     cost = float(p.numel())
     if structure is not None and structure.form == "kronecker" and hasattr(structure, "max_dim"):
-        from precond.distributed import kronecker_blocks
+        from precond.distributed import kronecker_costs
 
-        blocks = kronecker_blocks({"p": tuple(p.shape)}, structure.max_dim, merge_dims=structure.merge_dims)
-        cost += sum(b.cost("memory") for b in blocks)
+        shape = {"p": tuple(p.shape)}
+        cost += sum(c for _, c in kronecker_costs(shape, structure.max_dim, merge_dims=structure.merge_dims, kind="memory"))
     return cost
 
 

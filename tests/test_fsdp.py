@@ -425,10 +425,10 @@ def test_refusals_say_which_block_and_why(ranks: list[dict]) -> None:
 def test_elementwise_declarations() -> None:
     """Blocks declare whether they work entry by entry (Block.elementwise) or on each whole parameter alone
     (Block.gathers); shard_problem says why not otherwise, the defaults refuse."""
-    from precond.optimizer import _elementwise_recipes, _fully_sharded_recipes
+    from precond.optimizer import _fully_sharded_recipes
 
-    assert _elementwise_recipes() == ["adagrad", "adam", "adamw", "sgd", "sophia_g"]
-    assert _fully_sharded_recipes()[1] == ["muon", "shampoo", "shampoo_grafted", "soap", "soap_official"]
+    assert _fully_sharded_recipes() == (["adagrad", "adam", "adamw", "sgd", "sophia_g"],
+                                        ["muon", "shampoo", "shampoo_grafted", "soap", "soap_official"])
     shampoo = load_recipe("shampoo_grafted")
     assert shampoo.structure.gathers() and [t.gathers() for t in shampoo.transform] == [False, True]
     assert not load_recipe("kfac").structure.gathers() and load_recipe("kfac").structure.shard_problem() is not None
