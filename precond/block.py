@@ -63,11 +63,13 @@ class Block(BaseModel):
         return f"{self.kind} '{self.name}' works on whole parameters or layers, not entry by entry"
 
     def gathers(self) -> bool:
-        """Whether this block works on each parameter whole but alone, from its gradient and its shape (never
-        the parameter's values, nor two parameters at once: a Kronecker factor of one tensor, a norm or matrix
-        function per tensor). Under FSDP2 the pipeline holding such a block runs at each parameter's owner on
-        the gathered whole gradient, and the update's rows go back to their processes (docs/distributed.md);
-        the block then sees a stand-in of the parameter with its shape, dtype and device, not its values."""
+        """Whether this block works on each parameter whole, from its gradient and its shape, never the
+        parameter's values: a Kronecker factor of one tensor, a norm or matrix function per tensor, or a layer's
+        weight and bias together (its structure stage's ``together`` names such sets, and ``pooled`` says that
+        its statistics come from every process's batch, averaged). Under FSDP2 the pipeline holding such a block
+        runs at each parameter's (or set's) owner on the gathered whole gradients, and the update's rows go back
+        to their processes (docs/distributed.md); the block then sees a stand-in of the parameter with its
+        shape, dtype and device, not its values."""
         return False
 
     # --- facts for other blocks (precond.interfaces.Facts), checked when a recipe is validated --------

@@ -18,10 +18,11 @@ in every run, so checkpoints resume and the assignment is testable on CPU.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass
 from collections import Counter
-from typing import Callable, Hashable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -85,6 +86,10 @@ def shard_to_global(value: object, param: torch.Tensor) -> object:
     return _DTensor.from_local(
         value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
+
+
+def _local_device(t: torch.Tensor) -> torch.device:
+    return local(t).device
 
 
 def rows_of(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -313,6 +318,101 @@ class Comm:
         box = [problem]
         torch.distributed.broadcast_object_list(box, group=self.group, group_src=src)
         return box[0]
+
+    def total(self, value: float) -> float:
+        """Fully sharded: the sum of ``value`` over the processes (one all-reduce of one float64), e.g. an inner
+        product of which each process holds the terms of its rows or of the parameters it owns."""
+        if not (self.active and self.fully_sharded):
+            return value
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend(self.group) == "nccl" else None
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, group=self.group)
+        self._count("all_reduce", 1, 8)
+        return float(t)
+
+    def direct(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether the whole tensors of ``params`` travel only to and from their owners (:meth:`to_owners`,
+        :meth:`from_owners`): every one a DTensor sharded on dim 0 over a 1-D mesh of this group's processes,
+        so that each process's rows are known from the shape alone (``torch.chunk``'s split, as FSDP2's). HSDP's
+        2-D meshes gather instead (:meth:`whole`, :meth:`exchange`). The same answer on every process."""
+        if not (self.active and self.fully_sharded) or _DTensor is None:
+            return False
+        from torch.distributed.tensor import Shard
+
+        for p in params:
+            if not isinstance(p, _DTensor) or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                return False
+            if p.device_mesh.size() != self.world or p.dim() == 0:
+                return False
+        return True
+
+    def chunks(self, n: int) -> list[int]:
+        """Each process's number of rows of a tensor of ``n`` rows sharded on dim 0 (``torch.chunk``, as FSDP2)."""
+        c = -(-n // self.world)
+        return [max(0, min(c, n - r * c)) for r in range(self.world)]
+
+    def _all_to_all(self, send: list[torch.Tensor], recv_sizes: list[int], dtype: torch.dtype, device: Any) -> list[torch.Tensor]:
+        """One ``all_to_all_single``: ``send[d]`` (flat) to process ``d``; what each process sent here, by source."""
+        out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+        inp = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
+        torch.distributed.all_to_all_single(out, inp, recv_sizes, [t.numel() for t in send], group=self.group)
+        self._count("all_to_all", out.numel(), out.element_size())
+        return list(torch.split(out, recv_sizes))
+
+    def to_owners(self, rows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], owners: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Fully sharded (:meth:`direct`): the whole tensor of each item this process owns, from every process's
+        ``rows`` of it (laid out as ``params[i]``): one all-to-all per dtype, each process receiving only the rows
+        of what it owns (about ``P/W`` bytes where an all-gather brings ``P``). Keyed by item position."""
+        out: dict[int, torch.Tensor] = {}
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(rows):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for dtype, idx in by_dtype.items():
+            device = rows[idx[0]].device
+            send = [torch.cat([rows[i].reshape(-1) for i in idx if owners[i] == d] or [rows[idx[0]].new_empty(0)]) for d in range(self.world)]
+            mine = [i for i in idx if owners[i] == self.rank]
+            per_row = {i: math.prod(params[i].shape[1:]) for i in mine}
+            counts = {i: self.chunks(params[i].shape[0]) for i in mine}
+            recv = self._all_to_all(send, [sum(counts[i][s] * per_row[i] for i in mine) for s in range(self.world)], dtype, device)
+            pieces: dict[int, list[torch.Tensor]] = {i: [] for i in mine}
+            for s, buf in enumerate(recv):
+                for i, part in zip(mine, torch.split(buf, [counts[i][s] * per_row[i] for i in mine])):
+                    pieces[i].append(part)
+            for i in mine:
+                out[i] = torch.cat(pieces[i]).view(tuple(params[i].shape))
+        return out
+
+    def from_owners(
+        self, results: Mapping[int, Sequence[torch.Tensor]], params: Sequence[torch.Tensor], owners: Sequence[int], counts: Sequence[int]
+    ) -> list[list[torch.Tensor]]:
+        """Fully sharded (:meth:`direct`): this process's rows of each item's ``counts[i]`` whole tensors, which the
+        owner holds (``results[i]``, in ``params[i]``'s shape): one all-to-all per dtype (the parameters'), each
+        process receiving only its rows (about ``P/W`` bytes per tensor set)."""
+        out: list[list[torch.Tensor]] = [[] for _ in params]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        for dtype, idx in by_dtype.items():
+            device = _local_device(params[idx[0]])
+            starts = {i: [0] + list(itertools.accumulate(self.chunks(params[i].shape[0]))) for i in idx}
+            send = []
+            for d in range(self.world):
+                parts = [t[starts[i][d] : starts[i][d + 1]].to(dtype).reshape(-1) for i in idx if owners[i] == self.rank
+                         for t in results[i]]
+                send.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device))
+            per_row = {i: math.prod(params[i].shape[1:]) for i in idx}
+            mine = {i: self.chunks(params[i].shape[0])[self.rank] for i in idx}
+            sizes = [sum(mine[i] * per_row[i] * counts[i] for i in idx if owners[i] == s) for s in range(self.world)]
+            recv = self._all_to_all(send, sizes, dtype, device)
+            for s, buf in enumerate(recv):
+                items = [i for i in idx if owners[i] == s]
+                parts = torch.split(buf, [mine[i] * per_row[i] for i in items for _ in range(counts[i])])
+                k = 0
+                for i in items:
+                    for _ in range(counts[i]):
+                        out[i].append(parts[k].view((mine[i], *params[i].shape[1:])))
+                        k += 1
+        return out
 
     def whole(self, rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """Fully sharded: the whole tensor of which every process holds ``rows`` laid out as ``param`` (an

@@ -32,6 +32,7 @@ class Evaluation:
     env: Environment = field(default_factory=Environment)  # the optimizer's (set by whoever runs the step)
     memo: dict[Any, Any] = field(default_factory=dict)  # per-step results shared across param groups
     convention: str = CLOSURE  # how the step got its gradients: CLOSURE, TORCH_CLOSURE or PLAIN
+    template: bool = False  # torch's state-initialisation step (zero gradients, lr 0, no forward pass): zero estimates
     output_grad: torch.Tensor | None = None  # ∂loss/∂outputs, when a backward pass the user ran reached the outputs
     sample_total: int | None = None  # samples of the forward passes since the last step (the output tap)
     grad_scale: float | None = None  # GradScaler's loss scale of the backward passes (their statistics are scaled)

@@ -417,6 +417,7 @@ class KroneckerEstimate:
     output_grads: dict[Layer, list[Tensor]] | None = None
     weight: float = 1.0
     gradients: list[Tensor] | None = None
+    zero: bool = False  # torch's state-initialisation step: every layer's factors are zeros (no forward pass ran)
 
 
 def layer_rows(layer: Layer, record: Record, grads: list[Tensor]) -> tuple[Tensor, Tensor]:

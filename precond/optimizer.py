@@ -82,7 +82,10 @@ class Pipeline:
         self._may_be_nonfinite: bool | None = None  # update_may_be_nonfinite, once known
 
     def curvature_for(self, ev: Evaluation) -> Any:
-        """The curvature the structure reads on this step: the record of the user's backward passes, or the block."""
+        """The curvature the structure reads on this step: the record of the user's backward passes, or the block
+        (or, on torch's state-initialisation step, zeros: :class:`_ZeroCurvature`)."""
+        if ev.template:
+            return _ZeroCurvature(self.curvature)
         return self.record if self.record is not None and ev.convention != CLOSURE else self.curvature
 
     def stages(self) -> list[Any]:
@@ -347,7 +350,8 @@ class Optimizer(torch.optim.Optimizer):
         if captured is not None and self.likelihood is not None:  # from the step's own backward pass: no extra work
             warn_if_mismatch(self.likelihood, captured, f"recipe '{self.recipe.name}' with likelihood='{self.likelihood.name}'", stacklevel=4)
         ev.env = self.env
-        if self.comm.fully_sharded and self.needs.outputs and ev.convention != CLOSURE:
+        ev.template = closure is None and self._initialising(params)
+        if self.comm.fully_sharded and self.needs.outputs and ev.convention != CLOSURE and not ev.template:
             raise PipelineError(_FSDP_PLAIN.format(recipe=self.recipe.name))
         self._unscale(ev, params)
         if self.comm.active and ev.graph_grads is not None:
@@ -358,6 +362,17 @@ class Optimizer(torch.optim.Optimizer):
             for p, g in zip(have, grads):
                 p.grad = g
         return ev
+
+    def _initialising(self, params: list[torch.Tensor]) -> bool:
+        """Whether this is torch's state-initialisation step (``torch.distributed.checkpoint.state_dict``'s
+        ``get_optimizer_state_dict`` on a fresh optimizer: zero gradients, every lr 0, no closure) for a recipe
+        whose curvature comes from a forward pass, which that step does not run. The state it creates only says
+        which keys a checkpoint fills (their values are loaded next), so the curvature estimates are zeros."""
+        if self.state or not (self.needs.outputs or self.needs.hooks):
+            return False
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups) or any(p.grad is None for p in params):
+            return False
+        return not any(bool(local(p.grad).any()) for p in params if p.grad is not None)
 
     def _unscale(self, ev: Evaluation, params: list[torch.Tensor]) -> None:
         """Under ``GradScaler.step(opt)``: the gradients divided by the loss scale (as GradScaler would, unless
@@ -400,14 +415,23 @@ class Optimizer(torch.optim.Optimizer):
         # this process owns; the same on every process but for these
         whole = [c for c in ctxs if c.group["rule"] in self._whole_rules]
         work = [(c, p) for c, p in zip(ctxs, pipes) if c.group["rule"] not in self._whole_rules]
-        work += self._owned(whole, ev, step) if whole else []
+        owned = self._owned(whole, ev, step) if whole else []
+        work += owned
         scopes: dict[int, list[torch.Tensor]] = {}
         for ctx, pipe in work:
             ctx.scope = scopes.setdefault(id(pipe.curvature), [])
             ctx.scope.extend(ctx.params)
         due = [(c, p) for c, p in work if p.curvature is not None and p.curvature.due(step)]
         whole_due = any((cv := self.pipelines[c.group["rule"]].curvature) is not None and cv.due(step) for c in whole)
-        problem = self._check_estimates(due, whole_due)
+        # what the fresh estimates are made from: the owners' whole gradients, or (a structure whose statistics are
+        # pooled: K-FAC's layer hooks) every process's rows ctx, averaged, which the owners then read
+        pooled = [(c, self.pipelines[c.group["rule"]]) for c in whole]
+        pooled = [(c, p) for c, p in pooled if getattr(p.structure, "pooled", False) and p.curvature.due(step)]
+        at_owner = {id(c) for c, _ in owned}
+        problem = self._check_estimates(
+            [(c, p) for c, p in due if id(c) not in at_owner or not getattr(p.structure, "pooled", False)] + pooled,
+            whole_due, at_owner,
+        )
         if problem:
             return problem
         self.global_step = step  # from here on the step counts
@@ -437,13 +461,20 @@ class Optimizer(torch.optim.Optimizer):
         """The owner process of each parameter of the pipelines over whole parameters (by id): LPT
         (:func:`precond.distributed.assign_named`) over the parameters by their size, a pure function of the
         shapes and the number of processes (so a checkpoint's owners are known on loading)."""
-        pairs = [(p, self.pipelines[g["rule"]].config.structure) for g in self.param_groups if g["rule"] in self._whole_rules
-                 for p in g["params"]]
-        key = tuple(id(p) for p, _ in pairs)
+        groups = [g for g in self.param_groups if g["rule"] in self._whole_rules]
+        key = tuple(id(p) for g in groups for p in g["params"])
         if self._owner_table is None or self._owner_table[0] != key:
-            costs = [(f"{self.index_of(p):09d}", _state_cost(p, structure)) for p, structure in pairs]
-            params = [p for p, _ in pairs]
-            self._owner_table = (key, {id(p): o for p, o in zip(params, self.comm.owners(costs))})
+            units: list[list[torch.Tensor]] = []  # the parameters one owner holds together (a K-FAC layer's two)
+            costs = []
+            for g in groups:
+                params = list(g["params"])
+                structure = self.pipelines[g["rule"]].structure
+                together = getattr(structure, "together", None)
+                for where, cost in together(params) if together is not None else [([i], float(p.numel())) for i, p in enumerate(params)]:
+                    units.append([params[i] for i in where])
+                    costs.append((f"{self.index_of(params[where[0]]):09d}", cost))
+            owners = self.comm.owners(costs)
+            self._owner_table = (key, {id(p): o for unit, o in zip(units, owners) for p in unit})
         return self._owner_table[1]
 
     def _standin(self, p: torch.Tensor) -> torch.Tensor:
@@ -457,18 +488,30 @@ class Optimizer(torch.optim.Optimizer):
 
     def _owned(self, whole: list[GroupStep], ev: Evaluation, step: int) -> list[tuple[GroupStep, Pipeline]]:
         """The whole gradient of every parameter of ``whole`` (each process's ctx of its rows, after l2
-        decay) gathered on every process (one all-gather per parameter), and a ctx per param group of the
-        parameters this process owns: whole gradients, stand-ins for the parameters, their state."""
+        decay) at its owner (one all-to-all of every process's rows, :meth:`Comm.to_owners`; under HSDP one
+        all-gather per parameter), and a ctx per param group of the parameters this process owns: whole
+        gradients, stand-ins for the parameters, their state."""
         owners = self._owners()
+        everything = [(self._shards[id(shard)], g) for lc in whole for shard, g in zip(lc.params, lc.grads)]
+        wholes: dict[int, torch.Tensor] = {}  # id of a parameter this process owns -> its whole gradient
+        if self.comm.direct([p for p, _ in everything]):  # each gradient's rows to its owner only
+            arrived = self.comm.to_owners([g for _, g in everything], [p for p, _ in everything],
+                                          [owners[id(p)] for p, _ in everything])
+            wholes = {id(everything[i][0]): t for i, t in arrived.items()}
+        else:  # (HSDP) gathered on every process, within the parameter's mesh
+            for p, g in everything:
+                full = self.comm.whole(g, p)  # collective: every process, parameters in the same order
+                if owners[id(p)] == self.comm.rank:
+                    wholes[id(p)] = full
         out = []
         for lc in whole:
             pipe = self.pipelines[lc.group["rule"]]
             params, grads, states, steps = [], [], [], []
-            for shard, g in zip(lc.params, lc.grads):
+            for shard in lc.params:
                 p = self._shards[id(shard)]
-                full = self.comm.whole(g, p)  # collective: every process, parameters in the same order
                 if owners[id(p)] != self.comm.rank:
                     continue
+                full = wholes[id(p)]
                 standin = self._standin(p)
                 self._shards[id(standin)] = p
                 state = self.state[p]
@@ -490,10 +533,11 @@ class Optimizer(torch.optim.Optimizer):
         """The owners' updates to every process, each process's rows of them as the directions of its ctxs of
         rows; returns the ctxs to apply, in param-group order, with their directions.
 
-        Two all-gathers (:meth:`Comm.exchange`): first, per parameter, its step count, its direction's
+        First an all-gather (:meth:`Comm.exchange`) of, per parameter, its step count, its direction's
         coefficient and whether a denominator comes (float64: exact), then the direction's tensors (and
-        denominators) in the parameters' dtype, unmaterialized: each process applies its rows exactly as
-        one process applies the whole.
+        denominators) in the parameters' dtype, unmaterialized, each process receiving its rows (one
+        all-to-all, :meth:`Comm.from_owners`; under HSDP an all-gather of the whole tensors): each process
+        applies its rows exactly as one process applies the whole.
         """
         mine: dict[int, tuple[int, float, Direction, int]] = {}  # id of the parameter -> (step, coef, direction, i)
         done: dict[int, Direction] = {}
@@ -522,9 +566,15 @@ class Optimizer(torch.optim.Optimizer):
         for k, p in here:
             _, _, d, i = mine[id(p)]
             local_results[k] = (1.0, [d.tensors[i]] + ([d.denominator[i]] if d.denominator is not None else []))
-        bodies = self.comm.exchange(
-            [(owners[id(p)], [list(p.shape)] * (2 if den else 1)) for p, den in zip(whole, dens)], local_results, dtype
-        )
+        if self.comm.direct(whole):  # each process receives its rows only
+            rows = self.comm.from_owners({k: r[1] for k, r in local_results.items() if r[1] is not None}, whole,
+                                         [owners[id(p)] for p in whole], [2 if den else 1 for den in dens])
+            bodies: list[tuple[float, list[torch.Tensor] | None]] = [(1.0, r) for r in rows]
+        else:  # (HSDP) the whole updates to every process, which takes its rows
+            bodies = self.comm.exchange(
+                [(owners[id(p)], [list(p.shape)] * (2 if den else 1)) for p, den in zip(whole, dens)], local_results, dtype
+            )
+            bodies = [(st, None if ts is None else [rows_of(t, p) for t in ts]) for (st, ts), p in zip(bodies, whole)]
         results = iter(zip(heads, bodies))
         out_ctxs, out_dirs = [], []
         for c in ctxs:
@@ -540,9 +590,9 @@ class Optimizer(torch.optim.Optimizer):
                 c.steps[i] = self.state[p]["step"] = int(status)  # every process keeps each step count
                 coefs.append(float(head[0][0]))
                 nonzero = nonzero and bool(head[0][2])
-                tensors.append(rows_of(body[0], p).to(shard.dtype))
+                tensors.append(body[0].to(shard.dtype))
                 if len(body) > 1:
-                    denominators.append(rows_of(body[1], p).to(shard.dtype))
+                    denominators.append(body[1].to(shard.dtype))
             if denominators and len(denominators) != len(tensors):  # (one pipeline: all or none)
                 raise PipelineError("the owners' updates of one param group mix directions with and without a denominator")
             coef = coefs[0] if all(x == coefs[0] for x in coefs) else coefs
@@ -566,7 +616,9 @@ class Optimizer(torch.optim.Optimizer):
         problem = self.guard.check(first + [local(p.grad) for p in params if p.grad is not None], describe)
         return self.comm.agree(problem) if self.guard.active else problem  # fully sharded: each process saw its shards
 
-    def _check_estimates(self, due: list[tuple[GroupStep, Pipeline]], whole_due: bool = False) -> str | None:
+    def _check_estimates(
+        self, due: list[tuple[GroupStep, Pipeline]], whole_due: bool = False, at_owner: frozenset[int] | set[int] = frozenset()
+    ) -> str | None:
         """The fresh estimates, averaged over the processes where they come from local data, then checked.
 
         Each estimate says what it is (:class:`precond.interfaces.Estimate`): a structure may keep several
@@ -578,13 +630,13 @@ class Optimizer(torch.optim.Optimizer):
         ]
         if self.comm.active:  # (not at an owner of whole parameters: its statistics are of the global gradient)
             self.comm.mean_([e.tensor for ctx, pipe, est in fresh if pipe.curvature.reduce_estimates(pipe.config.structure.fill)
-                             and ctx.group["rule"] not in self._whole_rules for e in est])
+                             and id(ctx) not in at_owner for e in est])
         problem = None
         for ctx, pipe, est in fresh:
             problem = self.guard.check([e.tensor for e in est], lambda i: self._describe_estimate(ctx, pipe, est[i]))  # noqa: B023
             if problem:
                 break
-        if self.guard.active and (any(est for c, _, est in fresh if c.group["rule"] not in self._whole_rules) or whole_due):
+        if self.guard.active and (any(est for c, _, est in fresh if id(c) not in at_owner) or whole_due):
             problem = self.comm.agree(problem)  # the same on every process (owners: whether a pipeline over whole parameters was due)
         return problem
 
@@ -654,10 +706,10 @@ class Optimizer(torch.optim.Optimizer):
                 raise PipelineError(
                     f"recipe '{self.recipe.name}' cannot run on fully sharded parameters (FSDP2, fully_shard): "
                     + "; ".join(dict.fromkeys(problems)) + ". Element-wise recipes run under fully_shard ("
-                    + ", ".join(elementwise) + "), and recipes over each whole parameter at its owner ("
-                    + ", ".join(whole) + "); K-FAC and the other recipes over whole layers or several parameters at "
-                    "once, or that differentiate through the model per sample or twice, are not supported under "
-                    "FSDP2 yet: use DistributedDataParallel (docs/distributed.md#fully-sharded-fsdp2)"
+                    + ", ".join(elementwise) + "), and recipes over each whole parameter or layer at its owner ("
+                    + ", ".join(whole) + "); the recipes over many parameters at once (full matrices, histories), "
+                    "EKFAC, and those that differentiate through the model per sample or twice are not supported "
+                    "under FSDP2 yet: use DistributedDataParallel (docs/distributed.md#fully-sharded-fsdp2)"
                 )
         if not self.comm.active:
             return
@@ -794,8 +846,10 @@ class Optimizer(torch.optim.Optimizer):
             "nonfinite": self.guard.state_dict(),
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
-        if self.comm.fully_sharded:  # torch.distributed.checkpoint's get_optimizer_state_dict keeps only these two
-            out["param_groups"][0]["precond"] = out["precond"]
+        if out["param_groups"]:  # torch.distributed.checkpoint's get_optimizer_state_dict keeps only these two
+            # (the generator's state as bytes there: param groups hold plain values, which compare with ==)
+            generator = bytes(out["precond"]["generator"].cpu().tolist())  # (numpy is not a core dependency)
+            out["param_groups"][0]["precond"] = {**out["precond"], "generator": generator}
         return out
 
     def _whole_params(self) -> set[int]:
@@ -849,9 +903,11 @@ class Optimizer(torch.optim.Optimizer):
         self._load_generator(extra["generator"], extra.get("generator_device", "cpu"))
         self.guard.load_state_dict(extra.get("nonfinite", {}))
 
-    def _load_generator(self, state: torch.Tensor, device: str) -> None:
+    def _load_generator(self, state: torch.Tensor | bytes, device: str) -> None:
         """The random stream continues where it stopped; a checkpoint written on another kind of device (a CPU
         generator's state is not a CUDA one's) seeds this one from that state instead, deterministically."""
+        if isinstance(state, (bytes, bytearray)):  # the copy in the first param group
+            state = torch.frombuffer(bytearray(state), dtype=torch.uint8)
         if device == self.generator.device.type:
             self.generator.set_state(state)
             return
@@ -879,7 +935,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"param group {i}: the checkpoint has {len(sg['params'])} parameters, this optimizer has {len(g['params'])}"
                 )
         extra = state_dict.get("precond")
-        if saved_groups and "precond" in saved_groups[0]:  # fully sharded: it travels in the first param group
+        if saved_groups and "precond" in saved_groups[0]:  # it travels in the first param group too (DCP keeps that)
             extra = saved_groups[0]["precond"] if extra is None else extra
             saved_groups = [{k: v for k, v in g.items() if k != "precond"} for g in saved_groups]
             state_dict = {**state_dict, "param_groups": saved_groups}
@@ -914,6 +970,31 @@ class Optimizer(torch.optim.Optimizer):
         return state_dict, extra
 
 
+class _ZeroCurvature:
+    """A curvature block's stand-in on torch's state-initialisation step (:meth:`Optimizer._initialising`): zero
+    estimates of the shapes the block would give, so that every structure creates the state keys it keeps."""
+
+    def __init__(self, curvature: Any) -> None:
+        self.curvature = curvature
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.curvature, name)
+
+    def diagonal(self, ctx: GroupStep) -> Any:
+        from precond.block import DiagonalEstimate
+
+        return DiagonalEstimate(values=[torch.zeros_like(g) for g in ctx.grads])
+
+    def full(self, ctx: GroupStep) -> torch.Tensor:
+        n = sum(g.numel() for g in ctx.grads)
+        return ctx.grads[0].new_zeros(n, n)
+
+    def kronecker(self, ctx: GroupStep, recorder: Any) -> Any:
+        from precond.layers import KroneckerEstimate
+
+        return KroneckerEstimate(gradients=list(ctx.grads), zero=recorder is not None)
+
+
 def _fully_sharded_recipes() -> tuple[list[str], list[str]]:
     """The built-in recipes that run on fully sharded parameters: those whose every block works entry by entry
     (on each process's shards), and those with blocks over each whole parameter (at its owner)."""
@@ -928,18 +1009,6 @@ def _fully_sharded_recipes() -> tuple[list[str], list[str]]:
         if all(b.shard_problem() is None for b in blocks) and not recipe.step.gathers():
             (whole if any(b.gathers() for b in blocks) else elementwise).append(name)
     return sorted(elementwise), sorted(whole)
-
-
-def _state_cost(p: torch.Tensor, structure: Any) -> float:
-    """What a parameter's state weighs at its owner, roughly: its size (momentum, an Adam statistic), plus
-    ``Σ d²`` of the factors of its Kronecker blocks where the structure keeps them (Shampoo, SOAP)."""
-    cost = float(p.numel())
-    if structure is not None and structure.form == "kronecker" and hasattr(structure, "max_dim"):
-        from precond.distributed import kronecker_costs
-
-        shape = {"p": tuple(p.shape)}
-        cost += sum(c for _, c in kronecker_costs(shape, structure.max_dim, merge_dims=structure.merge_dims, kind="memory"))
-    return cost
 
 
 def _estimates(items: list[Any], n: int) -> list[Estimate]:

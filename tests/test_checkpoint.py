@@ -74,7 +74,11 @@ def test_mismatched_checkpoint_fails_before_changing_anything() -> None:
     before = copy.deepcopy(sgd.state_dict())
     with pytest.raises(CheckpointError, match="recipe 'adam'"):
         sgd.load_state_dict(sd)
-    assert sgd.state_dict()["param_groups"] == before["param_groups"] and not sgd.state
+    def hyper(groups: list[dict]) -> list[dict]:  # (the first also carries precond's section, for DCP)
+        return [{k: v for k, v in g.items() if k != "precond"} for g in groups]
+
+    assert hyper(sgd.state_dict()["param_groups"]) == hyper(before["param_groups"]) and not sgd.state
+    assert sgd.state_dict()["precond"]["global_step"] == 0
 
     other = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     adam2 = precond.build("adam", other)
@@ -139,3 +143,65 @@ def test_every_recipe_trains_a_bfloat16_model(name: str) -> None:
         opt.step(closure)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+# recipes whose curvature comes from a forward pass (outputs, layer hooks) that torch's state-initialisation step
+# does not run, and recipes whose state appears only on refresh steps
+DCP_RECIPES = ("kfac", "ekfac", "sophia_g", "shampoo_grafted", "adam")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP on one process, no process group
+@pytest.mark.parametrize("name", DCP_RECIPES)
+def test_a_dcp_checkpoint_resumes_into_a_fresh_optimizer(name: str, tmp_path) -> None:
+    """torch.distributed.checkpoint loads only the keys a fresh optimizer's state has; get_optimizer_state_dict
+    makes them with one step at zero gradients and lr 0 and no forward pass. precond's curvature estimates are
+    zeros on that step, so K-FAC's factors and eigenbases and Sophia's Hessian EMA exist and are then loaded:
+    the resumed run continues bit for bit, and the initialisation step moved no parameter."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    batches = make_batches(n=STEPS)
+    straight = make_mlp()
+    resumed = copy.deepcopy(straight)
+    opt = precond.build(name, straight, likelihood="categorical")
+    _run(straight, opt, batches)
+    opt1 = precond.build(name, resumed, likelihood="categorical")
+    _run(resumed, opt1, batches[:SPLIT])
+    saved = get_optimizer_state_dict(resumed, opt1)
+    dcp.save({"model": resumed.state_dict(), "optim": saved}, checkpoint_id=str(tmp_path / "ckpt"))
+
+    fresh = make_mlp(seed=123)
+    before = [p.detach().clone() for p in fresh.parameters()]
+    opt2 = precond.build(name, fresh, likelihood="categorical", seed=12345)
+    state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(fresh, opt2)}
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), before))  # lr 0: nothing moved
+    assert {k for s in state["optim"]["state"].values() for k in s} == {k for s in saved["state"].values() for k in s}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    fresh.load_state_dict(state["model"])
+    set_optimizer_state_dict(fresh, opt2, state["optim"])
+    assert opt2.global_step == SPLIT
+    _run(fresh, opt2, batches[SPLIT:])
+    for p, q in zip(straight.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_initialisation_step_is_told_from_a_real_step() -> None:
+    """Only a fresh optimizer's step with every gradient zero, every lr 0 and no closure takes zero estimates; a
+    real first step at lr 0 (a warm-up from 0) measures the curvature: K-FAC's input factor of the first layer,
+    0.95 I + 0.05 A, has the batch's off-diagonal entries, where the initialisation step leaves 0.95 I."""
+    key = "structure.factor.0.1"  # A of the layer's inputs
+    model = make_mlp()
+    opt = precond.build("kfac", model, likelihood="categorical", lr=0.0)
+    loss, _ = loss_of(model, make_batches(n=1)[0])
+    loss.backward()  # a plain loop: the outputs' graph is taken during this backward pass
+    opt.step()
+    a = opt.state[model[0].weight][key]
+    assert (a - torch.diag(a.diagonal())).abs().max() > 1e-3
+    model = make_mlp()
+    opt = precond.build("kfac", model, likelihood="categorical")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()  # what get_optimizer_state_dict does with a fresh optimizer
+    a = opt.state[model[0].weight][key]
+    assert torch.equal(a, 0.95 * torch.eye(a.shape[0], dtype=a.dtype))

@@ -22,7 +22,7 @@ import precond
 from precond.errors import PipelineError
 from precond.recipe import load_recipe
 
-STEPS = 10
+STEPS = 20
 WHOLE_STEPS = 20  # the recipes over whole parameters
 GLOBAL_BATCH = 16
 WORLD = 2
@@ -52,14 +52,23 @@ SAMPLED: dict[str, tuple[str, dict, bool]] = {
                                       "set": {"curvature.every": 2, "curvature.start": 2}}, False),
 }
 CASES.update(SAMPLED)
-REFUSED = ("kfac", "ekfac", "natural_gradient", "psgd_kron", "sophia_h", "adahessian", "lbfgs")
+# K-FAC: each layer's weight and bias at one owner; its factors made on every process from its batch (layer hooks;
+# with a closure the output gradients at sampled labels, through the closure's graph) and averaged; the KL clip
+# (max_kl set so that it binds on every step but one) summed over the owners and the fallback's rows
+LAYERS: dict[str, tuple[str, dict, bool]] = {
+    "kfac/closure": ("kfac", {"lr": 0.05, "likelihood": "categorical", "set": {"step.max_kl": 1e-4}}, False),
+    "kfac/empirical": ("kfac", {"lr": 0.05, "set": {"curvature": {"type": "empirical_fisher"}, "step.max_kl": 1e-4}}, True),
+}
+CASES.update(LAYERS)
+REFUSED = ("ekfac", "natural_gradient", "psgd_kron", "sophia_h", "adahessian", "lbfgs")
 RESUME = "adam"  # opt.state_dict() at step STEPS // 2 on every process, loaded into a fresh optimizer
 RESUME_WHOLE = "shampoo_grafted"  # the same, and DCP at 2 processes resumed at 1 (and 4: slow), factors included
+RESUME_LAYER = "kfac/closure"  # DCP at 2 processes resumed at 1 (and 4: slow): layer factors and their owners
 
 
 def _n(label: str) -> int:
     """The number of steps of a case."""
-    return WHOLE_STEPS if label in WHOLE or label in SAMPLED else STEPS
+    return WHOLE_STEPS if label in WHOLE or label in SAMPLED or label in LAYERS else STEPS
 
 
 def _model() -> nn.Module:
@@ -143,7 +152,7 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
     try:
         results: dict[str, dict] = {}
         if resume_from is not None:  # another number of processes: resume the DCP checkpoints and stop
-            for label, where in ((RESUME, "dcp"), (RESUME_WHOLE, "dcp-whole")):
+            for label, where in ((RESUME, "dcp"), (RESUME_WHOLE, "dcp-whole"), (RESUME_LAYER, "dcp-layer")):
                 model = _shard(_model())
                 opt = _build(label, model)
                 _dcp_resume(model, opt, f"{resume_from}/{where}")
@@ -160,6 +169,7 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
             results[label] = {
                 "params": _full(model), "traffic": dict(opt.comm.traffic), "calls": dict(opt.comm.calls),
                 "state_bytes": _state_bytes(opt), "local_types": sorted({type(v).__name__ for s in opt.state.values() for v in s.values()}),
+                "kl_scale": [s["step.kl_scale"] for s in opt.state.values() if "step.kl_scale" in s],
             }
         # a checkpoint half-way: each process saves its own shards of the model and of the optimizer state
         model = _shard(_model())
@@ -217,6 +227,18 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
         _dcp_resume(model, opt, f"{tmp}/dcp-whole")
         _steps(model, opt, RESUME_WHOLE, rank, world, half, WHOLE_STEPS)
         results["dcp-whole"] = {"params": _full(model), "global_step": opt.global_step}
+        # K-FAC: each layer's factors, eigenbases and momentum at the layer's owner, through DCP
+        model = _shard(_model())
+        opt = _build(RESUME_LAYER, model)
+        _steps(model, opt, RESUME_LAYER, rank, world, 0, half)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=f"{tmp}/dcp-layer")
+        results["dcp-layer:saved"] = {"keys": _state_keys(model, opt)}
+        model = _shard(_model())
+        opt = _build(RESUME_LAYER, model)
+        _dcp_resume(model, opt, f"{tmp}/dcp-layer")
+        _steps(model, opt, RESUME_LAYER, rank, world, half, WHOLE_STEPS)
+        results["dcp-layer"] = {"params": _full(model), "global_step": opt.global_step}
         # a NaN in one process's shard of one gradient: every process skips the step, with the same message
         model = _shard(_model())
         opt = _build("adam", model)
@@ -275,7 +297,8 @@ def reference() -> dict[str, dict]:
         model = _model()
         opt = _build(label, model)
         _steps(model, opt, label, 0, 1, 0, _n(label))
-        out[label] = {"params": [p.detach().clone() for p in model.parameters()], "state_bytes": _state_bytes(opt)}
+        out[label] = {"params": [p.detach().clone() for p in model.parameters()], "state_bytes": _state_bytes(opt),
+                      "kl_scale": [s["step.kl_scale"] for s in opt.state.values() if "step.kl_scale" in s]}
         assert not opt.comm.active and not opt.comm.fully_sharded
     return out
 
@@ -284,7 +307,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((p - q).abs().max()) for p, q in zip(a, b))
 
 
-ELEMENTWISE = [label for label in CASES if label not in WHOLE and label not in SAMPLED]
+ELEMENTWISE = [label for label in CASES if label not in WHOLE and label not in SAMPLED and label not in LAYERS]
 
 
 @pytest.mark.parametrize("label", ELEMENTWISE)
@@ -326,16 +349,20 @@ def test_recipes_over_whole_parameters_equal_one_process_on_the_global_batch(
 
 @pytest.mark.parametrize("label", list(WHOLE))
 def test_recipes_over_whole_parameters_move_gradients_and_updates(ranks: list[dict], label: str) -> None:
-    """Per step: an all-gather of each parameter's gradient over whole parameters (the whole tensor received,
-    counted), then two of the owners' results (step count and coefficient; the update): about 2x the gradients'
-    bytes; the skip verdicts are one int64 each."""
+    """Per step: one all-to-all brings each parameter's gradient rows to its owner only, one all-gather hands
+    every process the owners' step counts and coefficients (32 bytes per parameter and process), one all-to-all
+    sends each process its rows of the updates: over the processes each gradient and each update crosses once
+    (each process receives its owned gradients and its rows of the updates: about 2P/W); the skip verdicts
+    are one int64 each."""
     n = 3 if label == "muon" else 6  # Muon's biases go to AdamW (element-wise, on the shards)
     grads = 4 * (80 + 20 + 96 if label == "muon" else 221)  # float32 elements of those parameters
     for r in ranks:
-        assert r[label]["calls"]["all_gather"] == WHOLE_STEPS * (n + 2)
-        assert WHOLE_STEPS * 2 * grads <= r[label]["traffic"]["all_gather"] <= WHOLE_STEPS * 3 * grads
-        assert r[label]["traffic"] == ranks[0][label]["traffic"]
+        assert r[label]["calls"]["all_to_all"] == 2 * WHOLE_STEPS and r[label]["calls"]["all_gather"] == WHOLE_STEPS
+        heads = r[label]["traffic"]["all_gather"] / (WHOLE_STEPS * 32 * WORLD)  # per process: the largest owner's
+        assert heads == int(heads) and -(-n // WORLD) <= heads < n
+        assert r[label]["traffic"]["all_to_all"] < WHOLE_STEPS * 2 * grads
         assert r[label]["traffic"]["all_reduce"] == 8 * r[label]["calls"]["all_reduce"]
+    assert sum(r[label]["traffic"]["all_to_all"] for r in ranks) == WHOLE_STEPS * 2 * grads
 
 
 @pytest.mark.parametrize("label", list(SAMPLED))
@@ -351,6 +378,37 @@ def test_a_sampled_label_backward_through_fsdp_equals_one_process(ranks: list[di
     total = reference[label]["state_bytes"]
     assert sum(r[label]["state_bytes"] for r in ranks) == total
     assert all(r[label]["state_bytes"] < 0.6 * total for r in ranks)
+
+
+@pytest.mark.parametrize("label", list(LAYERS))
+def test_kfac_equals_one_process_on_the_global_batch(ranks: list[dict], reference: dict, label: str) -> None:
+    """K-FAC under fully_shard: every process records its layers' inputs and output gradients (with a closure,
+    those at labels sampled for the global batch; in the plain loop, those of the user's backward pass) and its
+    batch's factors, averaged over the processes (one all-reduce of every layer's G and A); each layer's weight
+    and bias have one owner, which keeps the layer's factors, eigenbases and momentum; the KL clip's inner
+    product is summed over the owners (one all-reduce of one float64), so every process scales by the same ν."""
+    start = [p.detach() for p in _model().parameters()]
+    assert _max_diff(reference[label]["params"], start) > 1e-2
+    (nu,) = reference[label]["kl_scale"]
+    assert nu < 1.0  # the clip binds (on the last step, as on all but one)
+    factors = 4 * (16**2 + 7**2 + 5**2 + 17**2 + 4**2 + 6**2)  # every layer's G and A, float32
+    owned = []
+    for r in ranks:
+        assert _max_diff(r[label]["params"], reference[label]["params"]) <= 1e-6
+        assert r[label]["kl_scale"] in ([], [pytest.approx(nu, rel=1e-5)])  # kept by each owner of a layer
+        assert r[label]["traffic"]["all_reduce"] >= WHOLE_STEPS * factors
+        owned.append(r[label]["kl_scale"] != [])
+    assert any(owned)
+    total = reference[label]["state_bytes"]
+    assert sum(r[label]["state_bytes"] for r in ranks) == total
+    assert all(r[label]["state_bytes"] < 0.7 * total for r in ranks)  # 3 layers over 2 owners
+
+
+def test_kfac_owners_hold_a_layers_weight_and_bias_together(ranks: list[dict]) -> None:
+    keys = [{name for name, _ in r["dcp-layer:saved"]["keys"]} for r in ranks]
+    for layer in ("0", "2", "4"):
+        holders = [k for k in keys if f"{layer}.weight" in k]
+        assert len(holders) == 1 and f"{layer}.bias" in holders[0]
 
 
 def test_a_sampled_label_backward_is_refused_in_the_plain_loop(ranks: list[dict]) -> None:
@@ -392,6 +450,12 @@ def test_a_dcp_checkpoint_resumes_at_two_and_at_one_process(two: tuple[Path, lis
     assert one["dcp-whole"]["keys"] == saved and any("factor" in k or "kron" in k for _, k in saved)
     assert one["dcp-whole"]["global_step"] == WHOLE_STEPS
     assert _max_diff(one["dcp-whole"]["params"], ranks[0][RESUME_WHOLE]["params"]) <= 1e-6
+    # K-FAC's layer factors and momentum from both owners, all loaded by the one process
+    saved = sorted(k for r in ranks for k in r["dcp-layer:saved"]["keys"])
+    assert one["dcp-layer"]["keys"] == saved and any("factor" in k for _, k in saved)
+    for r in ranks:
+        assert _max_diff(r["dcp-layer"]["params"], r[RESUME_LAYER]["params"]) == 0.0  # same processes: bit for bit
+    assert _max_diff(one["dcp-layer"]["params"], ranks[0][RESUME_LAYER]["params"]) <= 1e-6
 
 
 def test_a_nan_in_one_process_shard_skips_the_step_on_every_process(ranks: list[dict]) -> None:
@@ -408,15 +472,15 @@ def test_recipes_over_whole_parameters_are_refused_naming_what_works(ranks: list
         assert error is not None and error == ranks[0][f"refused:{recipe}"]["error"]
         assert f"recipe '{recipe}' cannot run on fully sharded parameters (FSDP2, fully_shard)" in error
         assert "Element-wise recipes run under fully_shard (adagrad, adam, adamw, sgd, sophia_g)" in error
-        assert "recipes over each whole parameter at its owner (muon, shampoo, shampoo_grafted, soap, soap_official)" in error
+        assert ("recipes over each whole parameter or layer at its owner (kfac, muon, shampoo, shampoo_grafted, soap, "
+                "soap_official)") in error
         assert "use DistributedDataParallel" in error
 
 
 def test_refusals_say_which_block_and_why(ranks: list[dict]) -> None:
     errors = {recipe: ranks[0][f"refused:{recipe}"]["error"] for recipe in REFUSED}
-    assert "structure 'kronecker' with factors: layer keeps K-FAC's factors of whole layers" in errors["kfac"]
-    assert "step 'kl_clip' scales the step by an inner product" in errors["kfac"] and "structure 'kronecker'" in errors["ekfac"]
-    assert "curvature 'sampled_fisher'" not in errors["kfac"]  # (its backward pass runs through FSDP: Sophia-G)
+    assert "structure 'kronecker' with factors: layer and spectrum: eigenbasis (EKFAC)" in errors["ekfac"]
+    assert "curvature 'sampled_fisher'" not in errors["ekfac"]  # (its backward pass runs through FSDP: K-FAC)
     assert "curvature 'hutchinson' differentiates the gradient again" in errors["adahessian"]
     assert "structure 'full'" in errors["natural_gradient"]
     assert "step 'line_search'" in errors["lbfgs"]
@@ -428,10 +492,12 @@ def test_elementwise_declarations() -> None:
     from precond.optimizer import _fully_sharded_recipes
 
     assert _fully_sharded_recipes() == (["adagrad", "adam", "adamw", "sgd", "sophia_g"],
-                                        ["muon", "shampoo", "shampoo_grafted", "soap", "soap_official"])
+                                        ["kfac", "muon", "shampoo", "shampoo_grafted", "soap", "soap_official"])
     shampoo = load_recipe("shampoo_grafted")
     assert shampoo.structure.gathers() and [t.gathers() for t in shampoo.transform] == [False, True]
-    assert not load_recipe("kfac").structure.gathers() and load_recipe("kfac").structure.shard_problem() is not None
+    kfac = load_recipe("kfac")  # whole layers at their owners, the KL clip summed over the processes
+    assert kfac.structure.gathers() and kfac.structure.shard_problem() is None and kfac.step.shard_problem() is None
+    assert load_recipe("ekfac").structure.shard_problem() is not None
     rms = load_recipe("sgd", set={"transform": {"type": "clip", "mode": "rms"}}).transform[0]
     assert rms.gathers() and rms.shard_problem() is None
     sophia = load_recipe("sophia_g")  # its curvature's second pass through the model runs as an FSDP pass
@@ -453,6 +519,7 @@ def test_four_processes_equal_one_process(tmp_path: Path, reference: dict, two: 
     for r in resumed:
         assert _max_diff(r["dcp"]["params"], two[1][0][RESUME]["params"]) <= 1e-6
         assert _max_diff(r["dcp-whole"]["params"], two[1][0][RESUME_WHOLE]["params"]) <= 1e-6
+        assert _max_diff(r["dcp-layer"]["params"], two[1][0][RESUME_LAYER]["params"]) <= 1e-6
     assert sorted(k for r in resumed for k in r["dcp-whole"]["keys"]) == sorted(k for r in two[1] for k in r["dcp-whole:saved"]["keys"])
     for label in CASES:
         for r in ranks:
@@ -473,7 +540,7 @@ def _hsdp_worker(rank: int, world: int, tmp: str) -> None:
 
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         results = {}
-        for label in ("adam", "sgd", "shampoo_grafted"):
+        for label in ("adam", "sgd", "shampoo_grafted", "kfac/closure"):
             model = _model()
             for m in model:
                 if isinstance(m, nn.Linear):
@@ -495,7 +562,7 @@ def test_hsdp_equals_one_process(tmp_path: Path, reference: dict) -> None:
     states = []
     for r in range(4):
         results = torch.load(tmp_path / f"rank{r}.pt")
-        for label in ("adam", "sgd", "shampoo_grafted"):
+        for label in ("adam", "sgd", "shampoo_grafted", "kfac/closure"):
             assert _max_diff(results[label]["params"], reference[label]["params"]) <= 1e-6
         for label in ("adam", "sgd"):
             assert results[label]["traffic"] == {"all_reduce": 8 * STEPS}

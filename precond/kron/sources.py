@@ -169,7 +169,11 @@ class LayerSource:
         )
         self.curvature = curvature
         self.keep_rows = keep_rows
+        self.param_of = served.env.param_of  # fully sharded: a step's shard or an owner's stand-in -> its parameter
         self.rows: dict[Layer, tuple[Tensor, Tensor, float]] = {}  # this step's (input rows, gradient rows, weight)
+        # fully sharded: this step's factors of every layer, made on every process from its batch and averaged in
+        # place by the optimizer before the owners read them (:meth:`fresh`)
+        self.pooled: dict[Layer, list[Tensor]] | None = None
         self.reported: set[int] = set()  # layers whose silent hooks were reported
 
     @property
@@ -187,6 +191,7 @@ class LayerSource:
     def after_step(self) -> None:
         self.hooks.disarm()
         self.rows.clear()
+        self.pooled = None
 
     def from_outputs(self, ctx: GroupStep, curvature: Curvature) -> None:
         """During a backward pass the user runs: the output gradients the curvature draws from the outputs'
@@ -199,18 +204,43 @@ class LayerSource:
         k = keys("0", 2)
         return [
             Unit(layer.params[0], "0", (layer.d_out, layer.d_in), 1, k, layer, (iw, ib))
-            for layer, iw, ib in self.hooks.of(params)
+            for layer, iw, ib in self.hooks.of([self.param_of(p) for p in params])
         ]
+
+    def together(self, params: list[Tensor]) -> list[tuple[list[int], float]]:
+        """Fully sharded: the positions in ``params`` that one owner holds together (a layer's weight and bias),
+        with what their state weighs there (their sizes and the factors' ``d_out² + d_in²``)."""
+        out = []
+        for layer, iw, ib in self.hooks.of([self.param_of(p) for p in params]):
+            where = [i for i in (iw, ib) if i is not None]
+            out.append((where, float(sum(params[i].numel() for i in where) + layer.d_out**2 + layer.d_in**2)))
+        return out
 
     def name(self, env: Environment, u: Unit) -> str:
         return f"layer:{_layer(u).name}"
 
     def fresh(self, ctx: GroupStep, curvature: Curvature, units: list[Unit]) -> list[tuple[Unit, list[Tensor]]]:
+        """Each unit's ``[G, A]`` of this step. Fully sharded, every process makes every layer's from its own
+        batch (the pipeline's ctx of its rows; the optimizer averages them in place over the processes) and the
+        owners' ctxs, whose pipeline sees one process, read those."""
+        if self.pooled is not None and not ctx.env.comm.fully_sharded:
+            return [(u, self.pooled[_layer(u)]) for u in units if _layer(u) in self.pooled]
+        if ctx.env.comm.fully_sharded:
+            self.pooled = {}
         est = curvature.kronecker(ctx, self.recorder)  # type: ignore[attr-defined]  # it fills Kronecker factors
         out: list[tuple[Unit, list[Tensor]]] = []
         silent = []
         for u in units:
             layer = _layer(u)
+            if est.zero:  # torch's state-initialisation step: the state's keys and shapes, no statistics
+                like = ctx.grads[next(i for i in u.where if i is not None)]
+                zeros = [like.new_zeros(d, d, dtype=factor_dtype(like)) for d in (layer.d_out, layer.d_in)]
+                out.append((u, zeros))
+                if self.pooled is not None:
+                    self.pooled[layer] = zeros
+                if self.keep_rows:  # no rows: EKFAC's second-moment sample is zero
+                    self.rows[layer] = (zeros[1][:0], zeros[0][:0].unsqueeze(0), 1.0)
+                continue
             rec = self.recorder.records.get(layer)
             grads = (est.output_grads or {}).get(layer)
             if rec is None or not rec.inputs or not grads:
@@ -219,6 +249,8 @@ class LayerSource:
             a_rows, g_rows = layer_rows(layer, rec, grads)
             a, g = layer_factors(a_rows, g_rows, est.weight)
             out.append((u, [g, a]))
+            if self.pooled is not None:
+                self.pooled[layer] = [g, a]
             if self.keep_rows:
                 self.rows[layer] = (a_rows, g_rows, est.weight)
         fresh = [l for l in silent if id(l) not in self.reported]

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from precond.block import Curvature, Direction, Estimate, GroupStep, Needs, Served, Stage, Structure, Transform
-from precond.distributed import Ownership
+from precond.distributed import Ownership, kronecker_costs
 from precond.errors import PipelineError
 from precond.kron.accumulate import Accumulation
 from precond.kron.sources import GradientSource, LayerSource, Source, assemble
@@ -172,15 +172,17 @@ class Kronecker(Structure):
     max_failures: int = Field(5, ge=1, description="raise after this many consecutive failed eigendecompositions of a block")
 
     def gathers(self) -> bool:
-        """``factors: gradient`` (Shampoo, SOAP): each parameter's blocks from its own gradient; under FSDP2 at
-        the parameter's owner. ``factors: layer`` (K-FAC) needs every process's layer statistics: refused there."""
-        return self.factors == "gradient"
+        """Under FSDP2 at an owner, on whole gradients: ``factors: gradient`` (Shampoo, SOAP) each parameter's
+        blocks from its own gradient; ``factors: layer`` (K-FAC) each layer's weight and bias at one owner
+        (:meth:`KroneckerStage.together`), its factors made on every process from its batch and averaged
+        (:attr:`KroneckerStage.pooled`)."""
+        return True
 
     def shard_problem(self) -> str | None:
-        if self.gathers():
-            return None
-        return ("structure 'kronecker' with factors: layer keeps K-FAC's factors of whole layers (a weight and its "
-                "bias together, from layer hooks)")
+        if self.factors == "layer" and self.spectrum == "eigenbasis":
+            return ("structure 'kronecker' with factors: layer and spectrum: eigenbasis (EKFAC) needs every "
+                    "process's per-row gradients in each layer's eigenbasis, which only the layer's owner keeps")
+        return None
 
     def group_defaults(self) -> dict[str, Any]:
         """``first_moment: eigenbasis`` reads its decay from the param group's ``momentum`` (as a momentum block:
@@ -339,6 +341,23 @@ class KroneckerStage(Stage):
 
     def init_state(self, param: Tensor, state: dict[str, Any]) -> None:
         """Nothing per parameter up front: a unit's factors appear with its first statistics."""
+
+    @property
+    def pooled(self) -> bool:
+        """Fully sharded: whether this step's factors come from every process's batch (layer hooks) and are
+        averaged over the processes before the owners read them, rather than from the gathered gradient."""
+        return self.config.factors == "layer"
+
+    def together(self, params: list[Tensor]) -> list[tuple[list[int], float]]:
+        """Fully sharded: the positions in ``params`` that one owner holds together, each set with what its state
+        weighs there (sizes and factors): a layer's weight and bias, or a parameter and its blocks' factors."""
+        if isinstance(self.source, LayerSource):
+            return self.source.together(params)
+        return [
+            ([i], float(p.numel()) + sum(c for _, c in kronecker_costs(
+                {"p": tuple(p.shape)}, self.config.max_dim, merge_dims=self.config.merge_dims, kind="memory")))
+            for i, p in enumerate(params)
+        ]
 
     def before_closure(self, step: int) -> None:
         self.source.before_closure(step)
