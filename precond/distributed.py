@@ -294,6 +294,7 @@ class Comm:
         self.traffic: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self._owners: dict[tuple[tuple[str, float], ...], dict[str, int]] = {}
+        self._layouts: dict[tuple[int, tuple[Any, ...]], tuple[list[int], list[int], int] | None] = {}
 
     @property
     def active(self) -> bool:
@@ -332,24 +333,55 @@ class Comm:
 
     def direct(self, params: Sequence[torch.Tensor]) -> bool:
         """Whether the whole tensors of ``params`` travel only to and from their owners (:meth:`to_owners`,
-        :meth:`from_owners`): every one a DTensor sharded on dim 0 over a 1-D mesh of this group's processes,
-        so that each process's rows are known from the shape alone (``torch.chunk``'s split, as FSDP2's). HSDP's
-        2-D meshes gather instead (:meth:`whole`, :meth:`exchange`). The same answer on every process."""
-        if not (self.active and self.fully_sharded) or _DTensor is None:
+        :meth:`from_owners`): every one a DTensor sharded on dim 0 over a mesh of all this group's processes
+        (FSDP2: ``(Shard(0),)``; HSDP: ``(Replicate(), Shard(0))``), so that each process's rows are known from
+        the shape alone (``torch.chunk``'s split, as FSDP2's). Otherwise (another layout) they are gathered
+        (:meth:`whole`, :meth:`exchange`). The same answer on every process."""
+        if not (self.active and self.fully_sharded) or _DTensor is None or self.group is not None:
             return False
-        from torch.distributed.tensor import Shard
+        return all(self._layout(p) is not None for p in params)
 
-        for p in params:
-            if not isinstance(p, _DTensor) or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-                return False
-            if p.device_mesh.size() != self.world or p.dim() == 0:
-                return False
-        return True
+    def _layout(self, p: torch.Tensor) -> tuple[list[int], list[int], int] | None:
+        """For a DTensor laid out as FSDP2 or HSDP lays out a parameter: each process's shard index and
+        replica index, and the number of shards; None for any other layout."""
+        if not isinstance(p, _DTensor) or p.dim() == 0:
+            return None
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        key = (id(mesh), placements)
+        if key not in self._layouts:
+            self._layouts[key] = self._layout_of(mesh, placements)
+        return self._layouts[key]
 
-    def chunks(self, n: int) -> list[int]:
-        """Each process's number of rows of a tensor of ``n`` rows sharded on dim 0 (``torch.chunk``, as FSDP2)."""
-        c = -(-n // self.world)
-        return [max(0, min(c, n - r * c)) for r in range(self.world)]
+    def _layout_of(self, mesh: Any, placements: tuple[Any, ...]) -> tuple[list[int], list[int], int] | None:
+        from torch.distributed.tensor import Replicate, Shard
+
+        if mesh.ndim == 1 and placements == (Shard(0),):
+            grid = mesh.mesh.reshape(1, -1)
+        elif mesh.ndim == 2 and placements == (Replicate(), Shard(0)):
+            grid = mesh.mesh
+        else:
+            return None
+        if grid.numel() != self.world or sorted(grid.flatten().tolist()) != list(range(self.world)):
+            return None
+        shard, replica = [0] * self.world, [0] * self.world
+        for i, row in enumerate(grid.tolist()):
+            for j, rank in enumerate(row):
+                shard[rank], replica[rank] = j, i
+        return shard, replica, grid.shape[1]
+
+    @staticmethod
+    def chunks(n: int, parts: int) -> list[int]:
+        """Each shard's number of rows of a tensor of ``n`` rows cut on dim 0 in ``parts`` (``torch.chunk``, as
+        FSDP2)."""
+        c = -(-n // parts)
+        return [max(0, min(c, n - r * c)) for r in range(parts)]
+
+    def _rows(self, p: torch.Tensor, rank: int) -> int:
+        """How many rows of ``p`` process ``rank`` holds."""
+        layout = self._layout(p)
+        assert layout is not None  # direct() checked every parameter
+        shard, _, parts = layout
+        return self.chunks(p.shape[0], parts)[shard[rank]]
 
     def _all_to_all(self, send: list[torch.Tensor], recv_sizes: list[int], dtype: torch.dtype, device: Any) -> list[torch.Tensor]:
         """One ``all_to_all_single``: ``send[d]`` (flat) to process ``d``; what each process sent here, by source."""
@@ -360,26 +392,35 @@ class Comm:
         return list(torch.split(out, recv_sizes))
 
     def to_owners(self, rows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], owners: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Fully sharded (:meth:`direct`): the whole tensor of each item this process owns, from every process's
-        ``rows`` of it (laid out as ``params[i]``): one all-to-all per dtype, each process receiving only the rows
-        of what it owns (about ``P/W`` bytes where an all-gather brings ``P``). Keyed by item position."""
+        """Fully sharded (:meth:`direct`): the whole tensor of each item this process owns, from the ``rows``
+        of it (laid out as ``params[i]``) of the processes of the owner's replica: one all-to-all per dtype,
+        each process receiving only what it owns (about ``P/W`` bytes where an all-gather brings ``P``). Keyed
+        by item position."""
         out: dict[int, torch.Tensor] = {}
+        me = self.rank
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(rows):
             by_dtype.setdefault(t.dtype, []).append(i)
         for dtype, idx in by_dtype.items():
             device = rows[idx[0]].device
-            send = [torch.cat([rows[i].reshape(-1) for i in idx if owners[i] == d] or [rows[idx[0]].new_empty(0)]) for d in range(self.world)]
-            mine = [i for i in idx if owners[i] == self.rank]
+            layouts = {i: self._layout(params[i]) for i in idx}
+            empty = rows[idx[0]].new_empty(0)
+            send = [torch.cat([rows[i].reshape(-1) for i in idx if owners[i] == d and layouts[i][1][me] == layouts[i][1][d]]
+                              or [empty]) for d in range(self.world)]
+            mine = [i for i in idx if owners[i] == me]
             per_row = {i: math.prod(params[i].shape[1:]) for i in mine}
-            counts = {i: self.chunks(params[i].shape[0]) for i in mine}
-            recv = self._all_to_all(send, [sum(counts[i][s] * per_row[i] for i in mine) for s in range(self.world)], dtype, device)
-            pieces: dict[int, list[torch.Tensor]] = {i: [] for i in mine}
+
+            def sent(i: int, s: int) -> int:  # what process s sends here of item i (its rows, from this replica)
+                return self._rows(params[i], s) * per_row[i] if layouts[i][1][s] == layouts[i][1][me] else 0
+
+            recv = self._all_to_all(send, [sum(sent(i, s) for i in mine) for s in range(self.world)], dtype, device)
+            pieces: dict[int, list[tuple[int, torch.Tensor]]] = {i: [] for i in mine}
             for s, buf in enumerate(recv):
-                for i, part in zip(mine, torch.split(buf, [counts[i][s] * per_row[i] for i in mine])):
-                    pieces[i].append(part)
+                for i, part in zip(mine, torch.split(buf, [sent(i, s) for i in mine])):
+                    if layouts[i][1][s] == layouts[i][1][me]:
+                        pieces[i].append((layouts[i][0][s], part))
             for i in mine:
-                out[i] = torch.cat(pieces[i]).view(tuple(params[i].shape))
+                out[i] = torch.cat([t for _, t in sorted(pieces[i], key=lambda x: x[0])]).view(tuple(params[i].shape))
         return out
 
     def from_owners(
@@ -387,30 +428,33 @@ class Comm:
     ) -> list[list[torch.Tensor]]:
         """Fully sharded (:meth:`direct`): this process's rows of each item's ``counts[i]`` whole tensors, which the
         owner holds (``results[i]``, in ``params[i]``'s shape): one all-to-all per dtype (the parameters'), each
-        process receiving only its rows (about ``P/W`` bytes per tensor set)."""
+        process receiving only its rows (about ``P/W`` bytes per tensor under FSDP2, ``P/S`` under HSDP)."""
         out: list[list[torch.Tensor]] = [[] for _ in params]
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
             by_dtype.setdefault(p.dtype, []).append(i)
         for dtype, idx in by_dtype.items():
             device = _local_device(params[idx[0]])
-            starts = {i: [0] + list(itertools.accumulate(self.chunks(params[i].shape[0]))) for i in idx}
             send = []
             for d in range(self.world):
-                parts = [t[starts[i][d] : starts[i][d + 1]].to(dtype).reshape(-1) for i in idx if owners[i] == self.rank
-                         for t in results[i]]
+                parts = []
+                for i in (i for i in idx if owners[i] == self.rank):
+                    shard, _, n = self._layout(params[i])  # type: ignore[misc]  # direct() checked every parameter
+                    start = sum(self.chunks(params[i].shape[0], n)[: shard[d]])
+                    stop = start + self._rows(params[i], d)
+                    parts += [t[start:stop].to(dtype).reshape(-1) for t in results[i]]
                 send.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device))
             per_row = {i: math.prod(params[i].shape[1:]) for i in idx}
-            mine = {i: self.chunks(params[i].shape[0])[self.rank] for i in idx}
+            mine = {i: self._rows(params[i], self.rank) for i in idx}
             sizes = [sum(mine[i] * per_row[i] * counts[i] for i in idx if owners[i] == s) for s in range(self.world)]
             recv = self._all_to_all(send, sizes, dtype, device)
             for s, buf in enumerate(recv):
                 items = [i for i in idx if owners[i] == s]
-                parts = torch.split(buf, [mine[i] * per_row[i] for i in items for _ in range(counts[i])])
+                parts_in = torch.split(buf, [mine[i] * per_row[i] for i in items for _ in range(counts[i])])
                 k = 0
                 for i in items:
                     for _ in range(counts[i]):
-                        out[i].append(parts[k].view((mine[i], *params[i].shape[1:])))
+                        out[i].append(parts_in[k].view((mine[i], *params[i].shape[1:])))
                         k += 1
         return out
 

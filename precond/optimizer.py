@@ -461,21 +461,29 @@ class Optimizer(torch.optim.Optimizer):
         """The owner process of each parameter of the pipelines over whole parameters (by id): LPT
         (:func:`precond.distributed.assign_named`) over the parameters by their size, a pure function of the
         shapes and the number of processes (so a checkpoint's owners are known on loading)."""
-        groups = [g for g in self.param_groups if g["rule"] in self._whole_rules]
-        key = tuple(id(p) for g in groups for p in g["params"])
+        key = tuple(id(p) for g in self.param_groups if g["rule"] in self._whole_rules for p in g["params"])
         if self._owner_table is None or self._owner_table[0] != key:
-            units: list[list[torch.Tensor]] = []  # the parameters one owner holds together (a K-FAC layer's two)
-            costs = []
-            for g in groups:
-                params = list(g["params"])
-                structure = self.pipelines[g["rule"]].structure
-                together = getattr(structure, "together", None)
-                for where, cost in together(params) if together is not None else [([i], float(p.numel())) for i, p in enumerate(params)]:
-                    units.append([params[i] for i in where])
-                    costs.append((f"{self.index_of(params[where[0]]):09d}", cost))
+            units, costs = self.owner_units()
             owners = self.comm.owners(costs)
             self._owner_table = (key, {id(p): o for unit, o in zip(units, owners) for p in unit})
         return self._owner_table[1]
+
+    def owner_units(self, rules: set[str] | None = None) -> tuple[list[list[torch.Tensor]], list[tuple[str, float]]]:
+        """Fully sharded: the sets of parameters of the pipelines over whole parameters (``rules``: those rules'
+        instead) that one owner holds together (a parameter alone, or a K-FAC layer's weight and bias: the
+        structure's ``together``), each with its name and the cost of its state there, which the owner
+        assignment (:func:`precond.distributed.assign_named`) balances (``bench/fsdp_bytes.py`` predicts the
+        traffic at any number of processes from them)."""
+        rules = self._whole_rules if rules is None else rules
+        units: list[list[torch.Tensor]] = []
+        costs: list[tuple[str, float]] = []
+        for g in (g for g in self.param_groups if g["rule"] in rules):
+            params = list(g["params"])
+            together = getattr(self.pipelines[g["rule"]].structure, "together", None)
+            for where, cost in together(params) if together is not None else [([i], float(p.numel())) for i, p in enumerate(params)]:
+                units.append([params[i] for i in where])
+                costs.append((f"{self.index_of(params[where[0]]):09d}", cost))
+        return units, costs
 
     def _standin(self, p: torch.Tensor) -> torch.Tensor:
         """A tensor of ``p``'s whole shape, dtype and device that holds no memory (the owner's blocks read
@@ -488,8 +496,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def _owned(self, whole: list[GroupStep], ev: Evaluation, step: int) -> list[tuple[GroupStep, Pipeline]]:
         """The whole gradient of every parameter of ``whole`` (each process's ctx of its rows, after l2
-        decay) at its owner (one all-to-all of every process's rows, :meth:`Comm.to_owners`; under HSDP one
-        all-gather per parameter), and a ctx per param group of the parameters this process owns: whole
+        decay) at its owner (one all-to-all of the rows of the owner's replica, :meth:`Comm.to_owners`; for
+        another layout one all-gather per parameter), and a ctx per param group of the parameters this process owns: whole
         gradients, stand-ins for the parameters, their state."""
         owners = self._owners()
         everything = [(self._shards[id(shard)], g) for lc in whole for shard, g in zip(lc.params, lc.grads)]
@@ -498,7 +506,7 @@ class Optimizer(torch.optim.Optimizer):
             arrived = self.comm.to_owners([g for _, g in everything], [p for p, _ in everything],
                                           [owners[id(p)] for p, _ in everything])
             wholes = {id(everything[i][0]): t for i, t in arrived.items()}
-        else:  # (HSDP) gathered on every process, within the parameter's mesh
+        else:  # (a layout other than FSDP2's or HSDP's) gathered on every process, within the parameter's mesh
             for p, g in everything:
                 full = self.comm.whole(g, p)  # collective: every process, parameters in the same order
                 if owners[id(p)] == self.comm.rank:
@@ -536,7 +544,7 @@ class Optimizer(torch.optim.Optimizer):
         First an all-gather (:meth:`Comm.exchange`) of, per parameter, its step count, its direction's
         coefficient and whether a denominator comes (float64: exact), then the direction's tensors (and
         denominators) in the parameters' dtype, unmaterialized, each process receiving its rows (one
-        all-to-all, :meth:`Comm.from_owners`; under HSDP an all-gather of the whole tensors): each process
+        all-to-all, :meth:`Comm.from_owners`; for another layout an all-gather of the whole tensors): each process
         applies its rows exactly as one process applies the whole.
         """
         mine: dict[int, tuple[int, float, Direction, int]] = {}  # id of the parameter -> (step, coef, direction, i)
@@ -570,7 +578,7 @@ class Optimizer(torch.optim.Optimizer):
             rows = self.comm.from_owners({k: r[1] for k, r in local_results.items() if r[1] is not None}, whole,
                                          [owners[id(p)] for p in whole], [2 if den else 1 for den in dens])
             bodies: list[tuple[float, list[torch.Tensor] | None]] = [(1.0, r) for r in rows]
-        else:  # (HSDP) the whole updates to every process, which takes its rows
+        else:  # (another layout) the whole updates to every process, which takes its rows
             bodies = self.comm.exchange(
                 [(owners[id(p)], [list(p.shape)] * (2 if den else 1)) for p, den in zip(whole, dens)], local_results, dtype
             )

@@ -566,5 +566,10 @@ def test_hsdp_equals_one_process(tmp_path: Path, reference: dict) -> None:
             assert _max_diff(results[label]["params"], reference[label]["params"]) <= 1e-6
         for label in ("adam", "sgd"):
             assert results[label]["traffic"] == {"all_reduce": 8 * STEPS}
+        # the gradients to the owners within their replica, the rows of the updates to every process: all-to-all
+        # (the all-gathers carry only the owners' step counts and coefficients, 32 bytes per parameter)
+        for label in ("shampoo_grafted", "kfac/closure"):
+            traffic = results[label]["traffic"]
+            assert traffic["all_to_all"] > 0 and traffic["all_gather"] <= _n(label) * 32 * 4 * 6
         states.append(results["shampoo_grafted"]["state_bytes"])
     assert sum(states) == reference["shampoo_grafted"]["state_bytes"]

@@ -180,7 +180,8 @@ def test_muon_limit_is_the_orthogonal_polar_factor() -> None:
 
 def test_adam_grafting_takes_adams_step_norm_and_shampoos_direction() -> None:
     gs = grads_stream((4, 5), 5, seed=7)
-    steps, opt, _ = run("shampoo_grafted", (4, 5), gs, set={"momentum": None, "transform.0.every": 1}, weight_decay=0.0)
+    steps, opt, _ = run("shampoo_grafted", (4, 5), gs, weight_decay=0.0,
+                        set={"momentum": None, "transform.0.every": 1, "transform.0.start": 1, "transform.1.start": 1})
     lr = opt.param_groups[0]["lr"]
     w = torch.nn.Parameter(torch.zeros(4, 5, dtype=D))
     adam = torch.optim.Adam([w], lr=lr, betas=(0.0, 0.999), eps=1e-8)
