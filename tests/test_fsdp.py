@@ -260,6 +260,11 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
             results["sophia_g/plain"] = {"error": None, "step": opt.global_step}
         except PipelineError as exc:
             results["sophia_g/plain"] = {"error": str(exc), "step": opt.global_step}
+        # why Sophia-H and AdaHessian are refused: FSDP2's gradient of a create_graph backward has no graph
+        model = _shard(_model())
+        x, y = _data()[0]
+        F.cross_entropy(model(x[:4]), y[:4]).backward(create_graph=True)
+        results["double backward"] = {"graph": any(p.grad is not None and p.grad.requires_grad for p in model.parameters())}
         for recipe in REFUSED:
             try:
                 precond.build(recipe, _shard(_model()), likelihood="categorical")
@@ -482,8 +487,16 @@ def test_refusals_say_which_block_and_why(ranks: list[dict]) -> None:
     assert "structure 'kronecker' with factors: layer and spectrum: eigenbasis (EKFAC)" in errors["ekfac"]
     assert "curvature 'sampled_fisher'" not in errors["ekfac"]  # (its backward pass runs through FSDP: K-FAC)
     assert "curvature 'hutchinson' differentiates the gradient again" in errors["adahessian"]
+    assert "FSDP2 reduce-scatters it outside autograd" in errors["sophia_h"]
     assert "structure 'full'" in errors["natural_gradient"]
     assert "step 'line_search'" in errors["lbfgs"]
+
+
+def test_fsdp2_gradients_carry_no_graph_for_a_second_differentiation(ranks: list[dict]) -> None:
+    """The reason Hutchinson's curvature (Sophia-H, AdaHessian) is refused under fully_shard; should a torch
+    keep the graph, this fails and the refusal can go."""
+    for r in ranks:
+        assert r["double backward"]["graph"] is False
 
 
 def test_elementwise_declarations() -> None:

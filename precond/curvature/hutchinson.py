@@ -31,8 +31,9 @@ class Hutchinson(Curvature):
     fills: ClassVar[frozenset[str]] = frozenset({"diagonal"})
 
     def shard_problem(self) -> str | None:
-        return ("curvature 'hutchinson' differentiates the gradient again (Hessian-vector products), through "
-                "parameters that fully_shard gathers only for your own forward and backward passes")
+        return ("curvature 'hutchinson' differentiates the gradient again (Hessian-vector products), and under "
+                "fully_shard the gradient has no graph: FSDP2 reduce-scatters it outside autograd, so "
+                "loss.backward(create_graph=True) leaves each shard's .grad without one (torch 2.13)")
 
     distribution: Literal["rademacher", "gaussian"] = Field("rademacher", description="probe distribution")
     samples: int = Field(1, ge=1, description="probes per refresh (averaged)")
