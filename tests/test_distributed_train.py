@@ -188,10 +188,11 @@ def test_a_failing_process_stops_the_others(tmp_path: Path) -> None:
 # shampoo as the DDP test above: with shampoo_grafted's defaults this small model's near-singular factors
 # amplify the round-off of the averaged gradient to ~2e-5 relative in 12 steps, under DDP as under FSDP
 @pytest.mark.slow  # ~14 s of subprocesses each; FSDP2 equality in-process runs by default (tests/test_fsdp.py)
-@pytest.mark.parametrize("recipe", ["shampoo", "adam"])
+@pytest.mark.parametrize("recipe", ["shampoo", "adam", "kfac"])
 def test_fsdp_two_processes_equal_one(recipe: str, tmp_path: Path) -> None:
     """`precond train R --nproc 2 --fsdp`: the model under fully_shard, the optimizer on each process's rows
-    (Shampoo at each parameter's owner on the gathered gradient); every figure equals one process's."""
+    (Shampoo at each parameter's owner on the gathered gradient, K-FAC at each layer's owner with factors from
+    both processes' hooks); every figure equals one process's."""
     args = ["train", recipe, "--task", "digits-mlp", "--short", "--steps", "12", "--eval-every", "6", "--no-progress"]
     procs = {
         name: subprocess.Popen([*CLI, *args, *extra, "--out", str(tmp_path / name)], env=_env(),
@@ -217,8 +218,8 @@ def test_fsdp_needs_several_processes(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # ~12 s of subprocesses; the refusal itself is tested in-process in tests/test_fsdp.py
 def test_fsdp_refuses_what_cannot_run_on_shards_before_the_first_step(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "train", "kfac", "--task", "digits-mlp", "--short", "--steps", "2", "--nproc", "2",
+    done = subprocess.run([*CLI, "train", "ekfac", "--task", "digits-mlp", "--short", "--steps", "2", "--nproc", "2",
                            "--fsdp", "--no-progress", "--out", str(tmp_path / "k")], env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "recipe 'kfac' cannot run on fully sharded parameters (FSDP2, fully_shard)" in " ".join(done.stderr.split())
+    assert "recipe 'ekfac' cannot run on fully sharded parameters (FSDP2, fully_shard)" in " ".join(done.stderr.split())
