@@ -459,8 +459,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _owners(self) -> dict[int, int]:
         """The owner process of each parameter of the pipelines over whole parameters (by id): LPT
-        (:func:`precond.distributed.assign_named`) over the parameters by their size, a pure function of the
-        shapes and the number of processes (so a checkpoint's owners are known on loading)."""
+        (:func:`precond.distributed.assign_named`) over the sets one owner holds together (:meth:`owner_units`)
+        by the cost of their state, a pure function of the shapes and the number of processes (so a
+        checkpoint's owners are known on loading)."""
         key = tuple(id(p) for g in self.param_groups if g["rule"] in self._whole_rules for p in g["params"])
         if self._owner_table is None or self._owner_table[0] != key:
             units, costs = self.owner_units()
@@ -497,8 +498,8 @@ class Optimizer(torch.optim.Optimizer):
     def _owned(self, whole: list[GroupStep], ev: Evaluation, step: int) -> list[tuple[GroupStep, Pipeline]]:
         """The whole gradient of every parameter of ``whole`` (each process's ctx of its rows, after l2
         decay) at its owner (one all-to-all of the rows of the owner's replica, :meth:`Comm.to_owners`; for
-        another layout one all-gather per parameter), and a ctx per param group of the parameters this process owns: whole
-        gradients, stand-ins for the parameters, their state."""
+        another layout one all-gather per parameter), and a ctx per param group of the parameters this
+        process owns: whole gradients, stand-ins for the parameters, their state."""
         owners = self._owners()
         everything = [(self._shards[id(shard)], g) for lc in whole for shard, g in zip(lc.params, lc.grads)]
         wholes: dict[int, torch.Tensor] = {}  # id of a parameter this process owns -> its whole gradient
