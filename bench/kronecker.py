@@ -308,6 +308,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="label:key=value, e.g. kfac:lr=0.01 or kfac:transform.0.every=20")
     ap.add_argument("--batch", type=int, default=None,
                     help="batch size for every problem (default: each problem's own)")
+    ap.add_argument("--widths", default=None,
+                    help="comma-separated widths W: run the MLP 64-W-W-W-10 (the wide problem's shape and learning "
+                         "rates) at each, instead of --problems (the FLOP floor as the width grows)")
     ap.add_argument("--batches", default=None,
                     help="comma-separated batch sizes to sweep for every problem "
                          "(larger than the training set: sampled with replacement)")
@@ -324,10 +327,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     sets = parse_sets(args.set)
     rows: list[dict[str, Any]] = []
-    for key in args.problems.split(","):
+    problems = args.problems.split(",")
+    if args.widths:
+        problems = []
+        for w in (int(v) for v in args.widths.split(",")):
+            key = f"wide{w}"
+            PROBLEMS[key] = {"title": f"(c') MLP 64-{w}-{w}-{w}-10, batch 1024", "dims": [64, w, w, w, 10], "batch": 1024,
+                             "ae": False}
+            LR[key], GOAL[key] = LR["wide"], GOAL["wide"]
+            problems.append(key)
+    for key in problems:
         for size, n in zip(sizes, steps):
             rows += run_problem(key, [r for r in args.recipes.split(",") if r], n, args.chunk, sets, size)
-    if args.batch is not None or args.batches is not None:
+    if args.batch is not None or args.batches is not None or args.widths:
         summary(rows)
 
 
