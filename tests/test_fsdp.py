@@ -58,6 +58,7 @@ CASES.update(SAMPLED)
 LAYERS: dict[str, tuple[str, dict, bool]] = {
     "kfac/closure": ("kfac", {"lr": 0.05, "likelihood": "categorical", "set": {"step.max_kl": 1e-4}}, False),
     "kfac/empirical": ("kfac", {"lr": 0.05, "set": {"curvature": {"type": "empirical_fisher"}, "step.max_kl": 1e-4}}, True),
+    "kfac/groups": ("kfac", {"lr": 0.05, "likelihood": "categorical", "set": {"step.max_kl": 1e-4}}, False),
 }
 CASES.update(LAYERS)
 REFUSED = ("ekfac", "natural_gradient", "psgd_kron", "sophia_h", "adahessian", "lbfgs")
@@ -94,6 +95,12 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _build(label: str, model: nn.Module) -> precond.Optimizer:
     recipe, kw, _ = CASES[label]
+    if label == "kfac/groups":  # the K-FAC layers in two param groups (the second at half the lr)
+        first, rest = list(model[0].parameters()), [p for m in list(model)[1:] for p in m.parameters()]
+        kw = dict(kw)
+        loaded = load_recipe(recipe, set=kw.pop("set"))
+        return precond.Optimizer([{"params": first}, {"params": rest, "lr": kw["lr"] / 2}], loaded, model=model,
+                                 likelihood=kw["likelihood"])
     return precond.build(recipe, model, **kw)
 
 
@@ -185,6 +192,7 @@ def _worker(rank: int, world: int, tmp: str, resume_from: str | None = None) -> 
                 "params": _full(model), "traffic": dict(opt.comm.traffic), "calls": dict(opt.comm.calls),
                 "state_bytes": _state_bytes(opt), "local_types": sorted({type(v).__name__ for s in opt.state.values() for v in s.values()}),
                 "kl_scale": [s["step.kl_scale"] for s in opt.state.values() if "step.kl_scale" in s],
+                "unit lists": len(getattr(opt.pipelines["default"].structure, "_units_of", {})),
             }
         # a checkpoint half-way: each process saves its own shards of the model and of the optimizer state
         model = _shard(_model())
@@ -432,6 +440,8 @@ def test_kfac_equals_one_process_on_the_global_batch(ranks: list[dict], referenc
         assert r[label]["traffic"]["all_reduce"] >= WHOLE_STEPS * factors
         owned.append(r[label]["kl_scale"] != [])
     assert any(owned)
+    # the units are made once per list of parameters, not once per step (a step's shards are new views)
+    assert all(1 <= r[label]["unit lists"] <= 4 for r in ranks)  # per param group: its rows, what is owned
     total = reference[label]["state_bytes"]
     assert sum(r[label]["state_bytes"] for r in ranks) == total
     assert all(r[label]["state_bytes"] < 0.7 * total for r in ranks)  # 3 layers over 2 owners

@@ -225,7 +225,7 @@ class LayerSource:
         owners' ctxs, whose pipeline sees one process, read those."""
         if self.pooled is not None and not ctx.env.comm.fully_sharded:
             return [(u, self.pooled[_layer(u)]) for u in units if _layer(u) in self.pooled]
-        if ctx.env.comm.fully_sharded:
+        if ctx.env.comm.fully_sharded and self.pooled is None:  # (every param group's layers, until the step ends)
             self.pooled = {}
         est = curvature.kronecker(ctx, self.recorder)  # type: ignore[attr-defined]  # it fills Kronecker factors
         out: list[tuple[Unit, list[Tensor]]] = []

@@ -388,7 +388,9 @@ class KroneckerStage(Stage):
         state dicts are looked up on every call, since ``load_state_dict`` replaces them.
         """
         params = ctx.params if params is None else params
-        key = tuple(map(id, params))  # the units hold every parameter: an id is not reused while cached
+        # by the parameters themselves (fully sharded: a step's shards are new views each step, their DTensors are
+        # not); the units hold every parameter: an id is not reused while cached
+        key = tuple(id(ctx.env.param_of(p)) for p in params)
         units = self._units_of.get(key)
         if units is None:
             units = self._units_of[key] = self.source.units(params, self.unit_keys)
