@@ -22,37 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import precond
+from tiny_gpt import TinyGPT  # (bench/ is the script's directory: on sys.path)
 
 RECIPES = ("adam", "adamw", "sgd", "sophia_g", "adahessian", "shampoo_grafted", "soap", "kfac")
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        h = self.n1(x)
-        q, k, v = (m(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.o(a)
-        return x + self.down(F.gelu(self.up(self.n2(x))))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, context: int) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
-        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(layers)))
-        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        return self.head(self.norm(self.blocks(x)))
 
 
 def mlp(dims: list[int]) -> nn.Module:

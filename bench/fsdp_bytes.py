@@ -44,10 +44,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import precond
+from tiny_gpt import Block  # (bench/ is the script's directory: on sys.path); its MLP is 4 x D_MODEL wide
 
-D_MODEL, HEADS, D_FF, LAYERS, VOCAB, SEQ = 512, 8, 2048, 11, 4096, 64
+D_MODEL, HEADS, LAYERS, VOCAB, SEQ = 512, 8, 11, 4096, 64
 if os.environ.get("FSDP_BYTES_SMOKE"):  # a tiny model to check the script itself
-    D_MODEL, HEADS, D_FF, LAYERS, VOCAB, SEQ = 32, 2, 64, 2, 128, 16
+    D_MODEL, HEADS, LAYERS, VOCAB, SEQ = 32, 2, 2, 128, 16
 GLOBAL_BATCH = 4  # sequences per step, split over the processes
 # (recipe, build keywords, label) per wrapper
 DDP_RUNS = [("adam", {}, "adam"), ("shampoo_grafted", {"distributed": "replicated"}, "shampoo_grafted"),
@@ -57,27 +58,11 @@ FSDP_RUNS = [("adam", {}, "adam"), ("shampoo_grafted", {}, "shampoo_grafted"), (
              ("muon", {}, "muon"), ("kfac", {"likelihood": "categorical"}, "kfac")]
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
-        self.q, self.k, self.v, self.o = (nn.Linear(D_MODEL, D_MODEL) for _ in range(4))
-        self.up, self.down = nn.Linear(D_MODEL, D_FF), nn.Linear(D_FF, D_MODEL)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        h = self.ln1(x)
-        q, k, v = (m(h).view(b, t, HEADS, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D_MODEL)
-        x = x + self.o(a)
-        return x + self.down(F.gelu(self.up(self.ln2(x))))
-
-
 class LM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.pos_embed = nn.Embedding(VOCAB, D_MODEL), nn.Embedding(SEQ, D_MODEL)
-        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.layers = nn.ModuleList(Block(D_MODEL, HEADS) for _ in range(LAYERS))
         self.ln_f = nn.LayerNorm(D_MODEL)
         self.head = nn.Linear(D_MODEL, VOCAB, bias=False)
 
@@ -356,7 +341,7 @@ def main() -> None:
             state_arithmetic(args.out, [int(w) for w in args.arithmetic.split(",") if int(w) > 1], args.shards)
         return
     params = sum(p.numel() for p in model().parameters())
-    print(f"transformer d_model {D_MODEL}, {LAYERS} layers, d_ff {D_FF}, vocab {VOCAB}, seq {SEQ}: "
+    print(f"transformer d_model {D_MODEL}, {LAYERS} layers, d_ff {4 * D_MODEL}, vocab {VOCAB}, seq {SEQ}: "
           f"{params / 1e6:.2f} M "
           f"parameters ({4 * params / 1e6:.1f} MB float32), global batch {GLOBAL_BATCH} x {SEQ} tokens, "
           f"{args.warmup} warm-up + {args.steps} measured steps", flush=True)

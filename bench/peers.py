@@ -73,6 +73,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's precond (not another installed one)
 import precond  # noqa: E402
+from tiny_gpt import TinyGPT  # noqa: E402  (bench/ is the script's directory: on sys.path)
 
 
 def autoencoder() -> nn.Module:
@@ -90,36 +91,8 @@ def wide() -> nn.Module:
 VOCAB, SEQ, D_MODEL, HEADS, LAYERS = 64, 64, 128, 4, 2
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
-        self.q, self.k, self.v, self.o = (nn.Linear(D_MODEL, D_MODEL) for _ in range(4))
-        self.up, self.down = nn.Linear(D_MODEL, 4 * D_MODEL), nn.Linear(4 * D_MODEL, D_MODEL)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        h = self.norm1(x)
-        q, k, v = (f(h).view(b, t, HEADS, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
-        x = x + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
-
-
-class CharTransformer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tok_embed, self.pos_embed = nn.Embedding(VOCAB, D_MODEL), nn.Embedding(SEQ, D_MODEL)
-        self.blocks = nn.Sequential(*(Block() for _ in range(LAYERS)))
-        self.norm = nn.LayerNorm(D_MODEL)
-        self.head = nn.Linear(D_MODEL, VOCAB)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok_embed(idx) + self.pos_embed(torch.arange(idx.shape[1]))
-        return self.head(self.norm(self.blocks(x)))
-
-
 def transformer() -> nn.Module:
-    return CharTransformer()
+    return TinyGPT(VOCAB, D_MODEL, LAYERS, HEADS, SEQ)
 
 
 # name: (model, batch size, input width, likelihood)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from precond.block import Curvature, Direction, Environment, GroupStep, Served
+from precond.distributed import kronecker_costs
 from precond.errors import PipelineError
 from precond.kron.units import Keys, Unit
 from precond.layers import (
@@ -66,6 +67,11 @@ class Source(Protocol):
 
     def name(self, env: Environment, u: Unit) -> str:
         """A name of ``u`` that is the same on every process (its owner is assigned by it)."""
+        ...
+
+    def together(self, params: list[Tensor]) -> list[tuple[list[int], float]]:
+        """Fully sharded: the positions in ``params`` that one owner holds together, each set with what its
+        state weighs there (the parameters' sizes and their factors' entries)."""
         ...
 
     def fresh(self, ctx: GroupStep, curvature: Curvature, units: list[Unit]) -> list[tuple[Unit, list[Tensor]]]:
@@ -347,6 +353,14 @@ class GradientSource:
 
     def name(self, env: Environment, u: Unit) -> str:
         return f"{env.index(u.holder)}#{u.tag}"
+
+    def together(self, params: list[Tensor]) -> list[tuple[list[int], float]]:
+        """Each parameter alone, with its size and its blocks' factors' ``Σ d²``."""
+        return [
+            ([i], float(p.numel()) + sum(c for _, c in kronecker_costs(
+                {"p": tuple(p.shape)}, self.max_dim, merge_dims=self.merge_dims, kind="memory")))
+            for i, p in enumerate(params)
+        ]
 
     def fresh(self, ctx: GroupStep, curvature: Curvature, units: list[Unit]) -> list[tuple[Unit, list[Tensor]]]:
         est = curvature.kronecker(ctx, None)  # type: ignore[attr-defined]  # it fills Kronecker factors

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from precond.block import Curvature, Direction, Estimate, GroupStep, Needs, Served, Stage, Structure, Transform
-from precond.distributed import Ownership, kronecker_costs
+from precond.distributed import Ownership
 from precond.errors import PipelineError
 from precond.kron.accumulate import Accumulation
 from precond.kron.sources import GradientSource, LayerSource, Source, assemble
@@ -351,13 +351,7 @@ class KroneckerStage(Stage):
     def together(self, params: list[Tensor]) -> list[tuple[list[int], float]]:
         """Fully sharded: the positions in ``params`` that one owner holds together, each set with what its state
         weighs there (sizes and factors): a layer's weight and bias, or a parameter and its blocks' factors."""
-        if isinstance(self.source, LayerSource):
-            return self.source.together(params)
-        return [
-            ([i], float(p.numel()) + sum(c for _, c in kronecker_costs(
-                {"p": tuple(p.shape)}, self.config.max_dim, merge_dims=self.config.merge_dims, kind="memory")))
-            for i, p in enumerate(params)
-        ]
+        return self.source.together(params)
 
     def before_closure(self, step: int) -> None:
         self.source.before_closure(step)
