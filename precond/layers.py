@@ -276,11 +276,15 @@ class Recorder:
             rec.grads.append(None)
             rec.filled.append(None)
             if self_.capture_grads:
-                index = len(rec.grads) - 1
+                # weakly: the hook lives on the output's graph node, which the record keeps through the output; a
+                # strong reference would close a cycle through autograd's C++ node that the garbage collector cannot
+                # see, and every step's record (inputs, outputs, gradients) would stay alive for good
+                index, record = len(rec.grads) - 1, weakref.ref(rec)
 
                 def capture(grad: Tensor) -> None:
-                    if rec.grads[index] is None and not in_inner_backward():  # not precond's own inside another
-                        rec.grads[index] = grad.detach()
+                    r = record()
+                    if r is not None and r.grads[index] is None and not in_inner_backward():  # not precond's own
+                        r.grads[index] = grad.detach()
 
                 output.register_hook(capture)
 
