@@ -35,8 +35,13 @@ product of an ``o×i`` gradient with an ``o×o`` and an ``i×i`` factor (two mat
 and ``bound`` is the recipe's own, read from the built optimizer: its preconditioning products (4
 exact / 2 precomputed), Shampoo's 2 statistics products per curvature step, and K-FAC's factor
 statistics ``A = aᵀa``, ``G = δᵀδ`` (``2·B·(o²+i²)``) plus, for ``sampled_fisher``, the extra
-backward at sampled labels (``2·B·o·i``, the output gradients only), divided by ``curvature.every``.
-Eigendecompositions (every ``transform.every`` steps) are not in the bounds. A goal below ``bound``
+backward at sampled labels (``2·B·o·i``, the output gradients only), divided by ``curvature.every``. The
+products are counted per block the optimizer keeps (read from its state: a dimension over ``max_dim`` is cut
+into blocks, a bias has its own factor). ``+roots`` adds the refreshes of the factors (every
+``transform.every`` steps, the ones the run made): per ``n×n`` factor the least an eigendecomposition does,
+the tridiagonal reduction (4n³/3) and the back-transformation of the eigenvectors (2n³), or SOAP's power
+iteration and QR (2n³ + 4n³/3), plus n³ where a root ``Q·diag·Qᵀ`` is formed (Shampoo); a float64 flop counts
+as two float32 ones (``structure.float64``). A goal below ``bound``
 cannot be met by any implementation of that recipe at that batch size (up to the non-matmul part of
 Adam's own step - tanh, loss, its update - which the count leaves out, so a measured ratio can sit a
 little below its bound). With ``--batch`` or ``--batches`` a summary at the end gives, per problem,
@@ -130,8 +135,39 @@ def product_bound(shapes: list[tuple[int, int]], batch: int, products: float, ex
     return 1.0 + (sum(products * o * i * (o + i) for o, i in shapes) + extra) / adam
 
 
-def recipe_bound(opt: Any, shapes: list[tuple[int, int]], batch: int) -> float | None:
-    """The FLOP lower bound of a built precond optimizer's Kronecker pipeline (None: not Kronecker)."""
+def factor_blocks(opt: Any) -> list[tuple[int, ...]]:
+    """The sizes of each Kronecker block's factors, read from the optimizer's state after a step (a block of a
+    parameter cut at ``max_dim`` is its own block; a vector's block has one factor)."""
+    out: list[tuple[int, ...]] = []
+    for state in opt.state.values():
+        blocks: dict[str, dict[int, int]] = {}
+        for key, value in state.items():
+            if key.startswith("structure.factor.") and torch.is_tensor(value):
+                _, _, block, factor = key.split(".")
+                blocks.setdefault(block, {})[int(factor)] = value.shape[0]
+        out += [tuple(sizes[k] for k in sorted(sizes)) for sizes in blocks.values()]
+    return out
+
+
+# Flops of one refresh of an n x n factor, the least any implementation of the refresh does: an eigendecomposition
+# reduces the factor to tridiagonal form (4n³/3) and back-transforms the eigenvectors (2n³; the tridiagonal
+# eigenproblem in between, O(n²) per eigenvector with deflation, is not counted); SOAP's power-QR refresh
+# multiplies the factor into the previous basis (2n³) and orthonormalises it by Householder QR (4n³/3). Forming a
+# root Q·diag·Qᵀ (Shampoo keeps roots; K-FAC applies its eigenbases as they are) adds a symmetric product (n³).
+# In float64 on a float32 model a flop counts twice (half the SIMD lanes; a float64 matmul here runs at 0.53x
+# the float32 rate).
+REFRESH_FLOPS = 10.0 / 3.0
+ROOT_FLOPS = 1.0
+
+
+def recipe_bound(
+    opt: Any, shapes: list[tuple[int, int]], batch: int, roots: bool = False, steps: int | None = None
+) -> float | None:
+    """The FLOP lower bound of a built precond optimizer's Kronecker pipeline (None: not Kronecker), from the
+    blocks it keeps (read from its state, so after a step; before one, from the layers' whole shapes).
+    ``roots``: with the refreshes (eigendecompositions or power-QR) at ``REFRESH_FLOPS`` per factor, amortised
+    over the first transform's ``every`` (or, with ``steps``, over the refreshes a run of that many steps makes:
+    the one at the transform's ``start`` and one every ``every`` steps after it)."""
     pipe = getattr(opt, "pipelines", {}).get("default")
     structure = getattr(pipe, "structure", None)
     if structure is None or getattr(structure, "form", None) != "kronecker":
@@ -141,16 +177,28 @@ def recipe_bound(opt: Any, shapes: list[tuple[int, int]], batch: int) -> float |
     every = max(1, int(getattr(curvature, "every", 1)))
     eigenbasis = structure.spectrum == "eigenbasis"
     precond_products = 4 if (structure.damping_form == "exact" or eigenbasis) else 2
-    extra = 0.0
+    blocks = factor_blocks(opt) or [(o, i) for o, i in shapes]
+    # per block of N entries with factors n_k, one pass of products costs 2·N·Σ n_k (a pair o×o, i×i: 2·o·i·(o+i))
+    passes = sum(math.prod(b) * sum(b) for b in blocks)
+    work = precond_products * passes
     if structure.factors == "gradient":
-        stats = 2 + (2 if eigenbasis else 0)  # G Gᵀ and Gᵀ G (SOAP: + rotating G into the eigenbasis)
-        extra = sum(stats * o * i * (o + i) for o, i in shapes) / every
+        work += 2 * passes / every  # G Gᵀ and Gᵀ G (SOAP's rotation of G into the eigenbasis is in its 4 products)
     else:
         per_step = sum(2 * batch * (o * o + i * i) for o, i in shapes)  # A = aᵀa, G = δᵀδ
         if curvature.type == "sampled_fisher":
             per_step += sum(2 * batch * o * i * getattr(curvature, "samples", 1) for o, i in shapes)
-        extra = per_step / every
-    return product_bound(shapes, batch, precond_products, extra)
+        work += per_step / every
+    if roots:
+        keeps_roots = any(k.startswith("structure.root.") for s in opt.state.values() for k in s)
+        per_factor = REFRESH_FLOPS + (ROOT_FLOPS if keeps_roots else 0.0)
+        weight = 2.0 if getattr(structure, "float64", False) else 1.0
+        first = pipe.transforms[0] if pipe.transforms else None
+        every_k = max(1, int(getattr(first, "every", 1)))
+        start = max(1, int(getattr(first, "start", 1)))
+        rate = 1.0 / every_k if steps is None else ((steps - start) // every_k + 1 if steps >= start else 0) / steps
+        work += weight * per_factor * sum(n**3 for b in blocks for n in b) * rate
+    adam = sum(6 * batch * o * i for o, i in shapes)
+    return 1.0 + work / adam
 
 
 def min_batch(opt: Any, shapes: list[tuple[int, int]], goal: float) -> float | None:
@@ -241,7 +289,7 @@ def run_problem(
     b4, b2 = product_bound(shapes, size, 4), product_bound(shapes, size, 2)
     print(f"  FLOP bounds (x Adam): 4 products {b4:.2f}, 2 products {b2:.2f}; goal {GOAL[key]:.2f}")
     print(
-        f"  {'optimizer':<18}{'ms/step':>9}{'x Adam':>8}{'median':>9}{'x Adam':>8}{'bound':>7}"
+        f"  {'optimizer':<18}{'ms/step':>9}{'x Adam':>8}{'median':>9}{'x Adam':>8}{'bound':>7}{'+roots':>7}"
         f"{'train loss':>12}{'steps to Adam final':>21}"
     )
     rows: list[dict[str, Any]] = []
@@ -249,13 +297,15 @@ def run_problem(
         mean, med = statistics.mean(times[name]) * 1e3, statistics.median(times[name]) * 1e3
         reach = next((i * chunk for i, v in enumerate(curves[name]) if v <= target), None)
         bound = 1.0 if name == "adam" else recipe_bound(opt, shapes, size)
+        with_roots = 1.0 if name == "adam" else recipe_bound(opt, shapes, size, roots=True, steps=steps)
         ratio = mean / (adam_mean * 1e3)
         print(
             f"  {name:<18}{mean:>9.2f}{ratio:>8.2f}{med:>9.2f}{med / (adam_med * 1e3):>8.2f}"
-            f"{('-' if bound is None else f'{bound:.2f}'):>7}"
+            f"{('-' if bound is None else f'{bound:.2f}'):>7}{('-' if with_roots is None else f'{with_roots:.2f}'):>7}"
             f"{curves[name][-1]:>12.4f}{('-' if reach is None else str(reach)):>21}"
         )
         rows.append({"problem": key, "batch": size, "recipe": name, "ms": mean, "ratio": ratio, "bound": bound,
+                     "with_roots": with_roots,
                      "bound4": b4, "bound2": b2, "loss": curves[name][-1], "reach": reach, "steps": steps,
                      "min_batch": None if name == "adam" else min_batch(opt, shapes, GOAL[key])})
     return rows
@@ -263,8 +313,10 @@ def run_problem(
 
 def summary(rows: list[dict[str, Any]]) -> None:
     """One line per problem, batch size and recipe: measured ratio against its bound and the goal."""
-    print("\nsummary (x Adam per step: measured, the recipe's FLOP bound, the generic 4- and 2-product bounds)")
-    print(f"  {'problem':<8}{'batch':>7}  {'recipe':<18}{'x Adam':>8}{'bound':>7}{'4-prod':>8}{'2-prod':>8}"
+    print("\nsummary (x Adam per step: measured, the recipe's FLOP bound without and with its refreshes, measured over"
+          " the latter, the generic 4- and 2-product bounds)")
+    print(f"  {'problem':<8}{'batch':>7}  {'recipe':<18}{'x Adam':>8}{'bound':>7}{'+roots':>7}{'meas/b':>7}"
+          f"{'4-prod':>8}{'2-prod':>8}"
           f"{'goal':>6}  "
           f"{'verdict':<27}{'bound<=goal from batch':>23}{'train loss':>12}")
     for r in rows:
@@ -280,8 +332,12 @@ def summary(rows: list[dict[str, Any]]) -> None:
             verdict = "not met (bound allows)"
         low = r["min_batch"]
         low_text = "-" if low is None else ("never" if low == float("inf") else str(math.ceil(low)))
+        roots = r["with_roots"]
+        over = "-" if roots is None else f"{r['ratio'] / roots:.2f}"
         print(f"  {r['problem']:<8}{r['batch']:>7}  {r['recipe']:<18}{r['ratio']:>8.2f}"
-              f"{('-' if bound is None else f'{bound:.2f}'):>7}{r['bound4']:>8.2f}{r['bound2']:>8.2f}{goal:>6.2f}  "
+              f"{('-' if bound is None else f'{bound:.2f}'):>7}{('-' if roots is None else f'{roots:.2f}'):>7}"
+              f"{over:>7}"
+              f"{r['bound4']:>8.2f}{r['bound2']:>8.2f}{goal:>6.2f}  "
               f"{verdict:<27}{low_text:>23}{r['loss']:>12.4f}")
 
 
