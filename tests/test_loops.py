@@ -286,6 +286,5 @@ def test_a_step_keeps_nothing_of_its_passes(name: str, loop: str) -> None:
             opt.step(closure)
         else:
             opt.step(forward)
-        gc.collect()
-        assert alive and all(r() is None for r in alive), f"{sum(r() is not None for r in alive)} tensors outlived the step"
-        alive.clear()
+    gc.collect()  # once: a collection costs about 0.2 s in a full test session
+    assert len(alive) >= 6 and all(r() is None for r in alive), f"{sum(r() is not None for r in alive)} tensors outlived the steps"
