@@ -48,8 +48,9 @@ SophiaG's extra forward and backward pass for its Hessian estimate. Peers not in
   every 10 steps (after each 10th step a forward pass, labels sampled from the outputs, a backward pass and
   ``update_hessian``), the recipe's ``every: 10``.
 * ``NAME_unguarded`` (any pair above): the same pair with the recipe's ``on_nonfinite: ignore``, which drops
-  precond's checks for NaN/Inf (the gradients before the step, the update's denominators after it: one fused
-  norm and one host synchronisation each) that none of the peers makes; their fixed cost shows on small models.
+  precond's checks for NaN/Inf (the gradients before the step and, where a transform can make it non-finite, the
+  update after it: one fused norm and one host synchronisation each), which none of the peers makes; their fixed
+  cost shows on small models.
 
 Models: the MLP autoencoder 64-256-128-32-128-256-64 (tanh) at batch 128 and the 512-1024-1024-10 MLP at
 batch 256 -- the two of the Kronecker issue's table -- and a character transformer (vocabulary 64, 2 pre-norm
