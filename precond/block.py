@@ -144,6 +144,15 @@ class Stage:
         """A structure's stage: as :meth:`Structure.from_outputs` (by default this step's estimates, recorded)."""
         self.estimates(ctx, curvature)  # type: ignore[attr-defined]  # structures' stages have estimates
 
+    @property
+    def pooled(self) -> bool:
+        """A structure's stage: as :attr:`Structure.pooled` (its configuration's)."""
+        return bool(self.config.pooled)
+
+    def together(self, params: list[torch.Tensor]) -> list[tuple[list[int], float]]:
+        """A structure's stage: as :meth:`Structure.together` (its configuration's, unless the stage knows more)."""
+        return self.config.together(params)  # type: ignore[no-any-return]  # config: a Structure (Any here)
+
 
 class Interval(BaseModel):
     """Mixin: the block acts only on every ``every``-th step, from step ``start``."""
@@ -319,11 +328,28 @@ class DiagonalEstimate:
     scale: float = 1.0
 
 
+def each_alone(params: list[torch.Tensor]) -> list[tuple[list[int], float]]:
+    """Fully sharded: every parameter at its owner alone, weighed by its size (a structure's ``together`` by
+    default, and a pipeline's without a structure)."""
+    return [([i], float(p.numel())) for i, p in enumerate(params)]
+
+
 class Structure(Block):
     """Stores the curvature and applies spectral transforms to directions."""
 
     kind: ClassVar[str] = "structure"
     form: ClassVar[str] = ""
+
+    @property
+    def pooled(self) -> bool:
+        """Fully sharded, at the owners: whether this step's statistics come from every process's batch (layer
+        hooks), averaged over the processes before the owners read them, rather than from the gathered gradient."""
+        return False
+
+    def together(self, params: list[torch.Tensor]) -> list[tuple[list[int], float]]:
+        """Fully sharded, at the owners: the positions in ``params`` that one owner holds together, each set with
+        what its state weighs there (:meth:`precond.optimizer.Optimizer.owner_units`)."""
+        return each_alone(params)
 
     def shard_problem(self) -> str | None:
         if self.elementwise or self.gathers():

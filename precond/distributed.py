@@ -88,10 +88,6 @@ def shard_to_global(value: object, param: torch.Tensor) -> object:
     )
 
 
-def _local_device(t: torch.Tensor) -> torch.device:
-    return local(t).device
-
-
 def rows_of(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This process's rows of ``value``, a whole tensor of ``param``'s shape, as ``param`` is laid out (a view)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -434,7 +430,7 @@ class Comm:
         for i, p in enumerate(params):
             by_dtype.setdefault(p.dtype, []).append(i)
         for dtype, idx in by_dtype.items():
-            device = _local_device(params[idx[0]])
+            device = local(params[idx[0]]).device
             send = []
             for d in range(self.world):
                 parts = []

@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from precond.block import CurvatureRecord, Direction, Estimate, GroupStep, Needs, PipelineBlocks, Served, Step
+from precond.block import (
+    CurvatureRecord, Direction, Estimate, GroupStep, Needs, PipelineBlocks, Served, Step, each_alone,
+)
 from precond.conventions import recipe_needs
 from precond.distributed import Comm, fully_sharded, global_to_shard, local, rows_of, shard_to_global
 from precond.errors import CheckpointError, PipelineError, PrecondError
@@ -426,10 +428,10 @@ class Optimizer(torch.optim.Optimizer):
         # what the fresh estimates are made from: the owners' whole gradients, or (a structure whose statistics are
         # pooled: K-FAC's layer hooks) every process's rows ctx, averaged, which the owners then read
         pooled = [(c, self.pipelines[c.group["rule"]]) for c in whole]
-        pooled = [(c, p) for c, p in pooled if getattr(p.structure, "pooled", False) and p.curvature.due(step)]
+        pooled = [(c, p) for c, p in pooled if _pooled(p) and p.curvature.due(step)]
         at_owner = {id(c) for c, _ in owned}
         problem = self._check_estimates(
-            [(c, p) for c, p in due if id(c) not in at_owner or not getattr(p.structure, "pooled", False)] + pooled,
+            [(c, p) for c, p in due if id(c) not in at_owner or not _pooled(p)] + pooled,
             whole_due, at_owner,
         )
         if problem:
@@ -480,8 +482,8 @@ class Optimizer(torch.optim.Optimizer):
         costs: list[tuple[str, float]] = []
         for g in (g for g in self.param_groups if g["rule"] in rules):
             params = list(g["params"])
-            together = getattr(self.pipelines[g["rule"]].structure, "together", None)
-            for where, cost in together(params) if together is not None else [([i], float(p.numel())) for i, p in enumerate(params)]:
+            structure = self.pipelines[g["rule"]].structure
+            for where, cost in structure.together(params) if structure is not None else each_alone(params):
                 units.append([params[i] for i in where])
                 costs.append((f"{self.index_of(params[where[0]]):09d}", cost))
         return units, costs
@@ -977,6 +979,11 @@ class Optimizer(torch.optim.Optimizer):
             if key not in listed:
                 raise CheckpointError(f"the checkpoint holds state for parameter id {key!r}, which no param group lists")
         return state_dict, extra
+
+
+def _pooled(pipe: Pipeline) -> bool:
+    """Fully sharded: whether the pipeline's statistics are pooled over the processes (:attr:`Structure.pooled`)."""
+    return pipe.structure is not None and pipe.structure.pooled
 
 
 class _ZeroCurvature:

@@ -178,6 +178,11 @@ class Kronecker(Structure):
         (:attr:`KroneckerStage.pooled`)."""
         return True
 
+    @property
+    def pooled(self) -> bool:
+        """K-FAC's factors (``factors: layer``) come from every process's layer hooks, averaged."""
+        return self.factors == "layer"
+
     def shard_problem(self) -> str | None:
         if self.factors == "layer" and self.spectrum == "eigenbasis":
             return ("structure 'kronecker' with factors: layer and spectrum: eigenbasis (EKFAC) needs every "
@@ -341,12 +346,6 @@ class KroneckerStage(Stage):
 
     def init_state(self, param: Tensor, state: dict[str, Any]) -> None:
         """Nothing per parameter up front: a unit's factors appear with its first statistics."""
-
-    @property
-    def pooled(self) -> bool:
-        """Fully sharded: whether this step's factors come from every process's batch (layer hooks) and are
-        averaged over the processes before the owners read them, rather than from the gathered gradient."""
-        return self.config.factors == "layer"
 
     def together(self, params: list[Tensor]) -> list[tuple[list[int], float]]:
         """Fully sharded: the positions in ``params`` that one owner holds together, each set with what its state
