@@ -508,6 +508,9 @@ class CurvatureRecord:
         self.parts: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
         self.samples: list[int] = []
         self.recording = False  # True during a backward pass (between begin and end), False when the step replays
+        # per key: (how many parts, their combination): the step asks several times (the estimates' check, the
+        # structure's update), and a single forward pass's combination is the one its backward pass made
+        self.combined: dict[tuple[Any, ...], tuple[int, Any]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.curvature, name)
@@ -521,7 +524,7 @@ class CurvatureRecord:
         self.recording = False
 
     def clear(self) -> None:
-        self.parts, self.samples = {}, []
+        self.parts, self.samples, self.combined = {}, [], {}
 
     def _call(self, what: str, ctx: GroupStep) -> Any:
         key = (what, tuple(map(id, ctx.params)))
@@ -529,7 +532,10 @@ class CurvatureRecord:
             parts = self.parts.setdefault(key, [])
             if len(parts) < len(self.samples):
                 parts.append((self.samples[-1], self.curvature.micro_batch(what, ctx)))
-            return self.curvature.combine(what, parts[-1:])  # this micro-batch's estimate, for whoever asks now
+            latest = self.curvature.combine(what, parts[-1:])  # this micro-batch's estimate, for whoever asks now
+            if len(parts) == 1:
+                self.combined[key] = (1, latest)  # also the whole step's, unless another micro-batch follows
+            return latest
         parts = self.parts.get(key)
         if not parts:
             raise PipelineError(
@@ -537,7 +543,11 @@ class CurvatureRecord:
                 "pass reaches them, and none did since the last step: call the model given to precond.build (or "
                 "its DistributedDataParallel wrapper) in the forward pass, and backpropagate a loss of its outputs"
             )
-        return self.curvature.combine(what, parts)
+        count, out = self.combined.get(key, (0, None))
+        if count != len(parts):
+            out = self.curvature.combine(what, parts)
+            self.combined[key] = (len(parts), out)
+        return out
 
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
         return self._call("diagonal", ctx)

@@ -11,6 +11,7 @@ the statistics keep what they accumulated from finite inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,12 +46,15 @@ def first_nonfinite(
     # The L2 norm is torch's fused fast path (other orders fall back to per-tensor kernels many times
     # slower); NaN/Inf propagate into it. Values whose squares overflow (|x| > ~1e19 in float32) count
     # as non-finite too.
-    if divisors is None:
-        bad = ~torch.isfinite(_stack(torch._foreach_norm(tensors)))
-    else:
-        bad = ~torch.isfinite(_stack(torch._foreach_norm(divisors)))
-        if not nonzero:  # no damping floor: a zero divisor is possible (rare: only undamped transforms)
-            bad |= ~(_stack([d.abs().amin() for d in divisors]) > 0)
+    norms = _stack(torch._foreach_norm(tensors if divisors is None else divisors))
+    if divisors is None or nonzero:
+        # the common case in three ops: the norms are >= 0, so their sum is finite exactly when every one is
+        # (or it overflowed: settled below)
+        if math.isfinite(float(norms.sum())):
+            return None
+        bad = ~torch.isfinite(norms)
+    else:  # no damping floor: a zero divisor is possible (rare: only undamped transforms)
+        bad = ~torch.isfinite(norms) | ~(_stack([d.abs().amin() for d in divisors]) > 0)
     if not bool(bad.any()):
         return None
     return int(bad.nonzero()[0, 0])

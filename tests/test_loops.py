@@ -79,6 +79,35 @@ def test_micro_batches_equal_one_batch(name: str, sizes: tuple[int, ...]) -> Non
     assert not torch.equal(flat(net), flat(model()))
 
 
+@pytest.mark.parametrize("name", ["sophia_g", "natural_gradient"])
+@pytest.mark.parametrize("passes", [1, 3])
+def test_a_step_combines_its_recorded_micro_batches_once(name: str, passes: int, monkeypatch) -> None:
+    """What each backward pass recorded is combined once per step: a single pass's own estimate is the step's, and
+    the structure's check and update share one combination of several (a square of the batch gradient, a dense
+    Gram matrix: each recombination a pass over every parameter)."""
+    from precond.curvature.sampled_fisher import SampledFisher
+
+    calls: list[int] = []
+    real = SampledFisher.combine
+
+    def counting(self, what, parts):
+        calls.append(len(parts))
+        return real(self, what, parts)
+
+    monkeypatch.setattr(SampledFisher, "combine", counting)
+    fields = {"curvature": {"type": "sampled_fisher"}} if name == "natural_gradient" else {"curvature.every": 1, "curvature.start": 1}
+    x, y = data()
+    net = model()
+    opt = precond.build(name, net, likelihood="categorical", set=fields)
+    for _ in range(2):
+        calls.clear()
+        opt.zero_grad()
+        for xb, yb in zip(x.chunk(passes), y.chunk(passes)):
+            (F.cross_entropy(net(xb), yb) / passes).backward()
+        opt.step()
+        assert calls == [1] * passes + ([] if passes == 1 else [passes])
+
+
 # --- clip_grad_norm_ ----------------------------------------------------------------------------------
 
 

@@ -135,3 +135,25 @@ def test_plain_idiom_with_nan_gradients() -> None:
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.guard.skipped == 1
+
+
+def test_first_nonfinite_finds_the_first_bad_tensor_and_not_an_overflowed_sum() -> None:
+    """The check sums the tensors' norms (one number to the host); the sum of finite norms can overflow, which
+    must not read as a bad tensor, and a bad one is still named by its position, whatever its sign or dtype."""
+    from precond.guard import first_nonfinite
+
+    huge = [torch.tensor([3.0e38]), torch.tensor([3.0e38]), torch.tensor([2.0e38])]
+    norms = torch._foreach_norm(huge)
+    assert all(torch.isfinite(n) for n in norms) and not torch.isfinite(torch.stack(norms).sum())  # the sum overflows
+    assert first_nonfinite(huge) is None
+    assert first_nonfinite(huge + [torch.tensor([1.0], dtype=torch.float64)]) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensors = [torch.ones(3), torch.ones(2, 2, dtype=torch.float64), torch.tensor([1.0, bad]), torch.tensor([bad])]
+        assert first_nonfinite(tensors) == 2, bad
+        assert first_nonfinite(huge + tensors) == 5, bad
+    # divided directions: a zero divisor is bad unless a damping keeps them away from 0 (nonzero)
+    num = [torch.ones(2), torch.ones(2)]
+    assert first_nonfinite(num, [torch.ones(2), torch.tensor([1.0, 0.0])]) == 1
+    assert first_nonfinite(num, [torch.ones(2), torch.tensor([1.0, 0.0])], nonzero=True) is None
+    assert first_nonfinite(num, [torch.tensor([float("inf"), 1.0]), torch.ones(2)], nonzero=True) == 0
+    assert first_nonfinite([]) is None

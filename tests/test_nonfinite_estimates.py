@@ -137,8 +137,12 @@ def test_diagonal_estimate(bad: str, monkeypatch) -> None:
 
     def patch() -> None:
         def poisoned(self, ctx):
-            est = real(self, ctx)
-            return DiagonalEstimate(values=[poison(v, BAD[bad]) if p is target else v for p, v in zip(ctx.params, est.values)])
+            est = real(self, ctx)  # one draw: the roots ĝ and the scale B
+            own = est.roots if est.roots is not None else est.values
+            own = [poison(v, BAD[bad]) if p is target else v for p, v in zip(ctx.params, own)]
+            if est.roots is not None:
+                return DiagonalEstimate(roots=own, scale=est.scale)
+            return DiagonalEstimate(values=own)
 
         monkeypatch.setattr(SampledFisher, "diagonal", poisoned)
 

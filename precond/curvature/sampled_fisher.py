@@ -85,15 +85,22 @@ class SampledFisher(Curvature):
         return factor, m
 
     def diagonal(self, ctx: GroupStep) -> DiagonalEstimate:
-        def compute(scope: list[torch.Tensor]) -> list[torch.Tensor]:
+        def compute(scope: list[torch.Tensor]) -> list[tuple[torch.Tensor, float | None]]:
             if self.form == "per_sample":
                 factor, m = self._per_sample(ctx, scope)
-                return diagonal_of_factor(factor, m)
-            rows, m = self._batch_grads(ctx, scope)
-            scale = m if self.batch_scale else 1.0
-            return [scale * (r * r).mean(0) for r in rows]
+                return [(v, None) for v in diagonal_of_factor(factor, m)]
+            return self._squares(*self._batch_grads(ctx, scope))
 
-        return DiagonalEstimate(values=self.shared(ctx, "diagonal", compute))
+        return _estimate(self.shared(ctx, "diagonal", compute))
+
+    def _squares(self, rows: list[torch.Tensor], m: int) -> list[tuple[torch.Tensor, float | None]]:
+        """The batch form per parameter, ``B · mean_s ĝ_s ⊙ ĝ_s`` (``B = M`` when ``batch_scale``), as ``(value,
+        None)``; of one draw ``(ĝ, B)``, its root and scale, which the diagonal structure accumulates with one
+        fused ``addcmul`` and no temporary."""
+        scale = float(m) if self.batch_scale else 1.0
+        if self.samples == 1:
+            return [(r[0], scale) for r in rows]
+        return [(scale * (r * r).mean(0), None) for r in rows]
 
     def micro_batch(self, what: str, ctx: GroupStep) -> Any:
         """The batch form squares the batch gradient ``ĝ``: a micro-batch contributes its ``ĝ`` (linear)."""
@@ -107,11 +114,13 @@ class SampledFisher(Curvature):
         if self.form != "batch":
             return super().combine(what, parts)
         m = sum(mb for _, (_, mb) in parts)
-        rows = [sum(r[i] * (mb / m) for _, (r, mb) in parts) for i in range(len(parts[0][1][0]))]
-        scale = m if self.batch_scale else 1.0
+        if len(parts) == 1:  # one forward pass: its ĝ as it is
+            rows = parts[0][1][0]
+        else:
+            rows = [sum(r[i] * (mb / m) for _, (r, mb) in parts) for i in range(len(parts[0][1][0]))]
         if what == "diagonal":
-            return DiagonalEstimate(values=[scale * (r * r).mean(0) for r in rows])
-        return flat_outer_mean(rows, scale)
+            return _estimate(self._squares(rows, m))
+        return flat_outer_mean(rows, m if self.batch_scale else 1.0)
 
     def kronecker(self, ctx: GroupStep, recorder: Recorder | None) -> KroneckerEstimate:
         if recorder is None:
@@ -191,3 +200,10 @@ def _fsdp_vjp(
         for p, g in zip(everyone, saved):
             p.grad = g
     return [torch.stack([d[i] for d in draws]) for i in range(len(shards))]
+
+
+def _estimate(parts: list[tuple[torch.Tensor, float | None]]) -> DiagonalEstimate:
+    """Per-parameter ``(value, None)`` or ``(root, scale)`` (:meth:`SampledFisher._squares`) as one estimate."""
+    if parts and parts[0][1] is not None:
+        return DiagonalEstimate(roots=[r for r, _ in parts], scale=float(parts[0][1]))
+    return DiagonalEstimate(values=[v for v, _ in parts])
