@@ -509,7 +509,7 @@ class CurvatureRecord:
         self.samples: list[int] = []
         self.recording = False  # True during a backward pass (between begin and end), False when the step replays
         # per key: (how many parts, their combination): the step asks several times (the estimates' check, the
-        # structure's update), and a single forward pass's combination is the one its backward pass made
+        # structure's update); see _combine
         self.combined: dict[tuple[Any, ...], tuple[int, Any]] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -532,10 +532,9 @@ class CurvatureRecord:
             parts = self.parts.setdefault(key, [])
             if len(parts) < len(self.samples):
                 parts.append((self.samples[-1], self.curvature.micro_batch(what, ctx)))
-            latest = self.curvature.combine(what, parts[-1:])  # this micro-batch's estimate, for whoever asks now
-            if len(parts) == 1:
-                self.combined[key] = (1, latest)  # also the whole step's, unless another micro-batch follows
-            return latest
+            if len(parts) == 1:  # the first micro-batch's estimate is also the step's, unless another follows
+                return self._combine(what, key, parts)
+            return self.curvature.combine(what, parts[-1:])  # this micro-batch's estimate, for whoever asks now
         parts = self.parts.get(key)
         if not parts:
             raise PipelineError(
@@ -543,6 +542,10 @@ class CurvatureRecord:
                 "pass reaches them, and none did since the last step: call the model given to precond.build (or "
                 "its DistributedDataParallel wrapper) in the forward pass, and backpropagate a loss of its outputs"
             )
+        return self._combine(what, key, parts)
+
+    def _combine(self, what: str, key: tuple[Any, ...], parts: list[tuple[int, Any]]) -> Any:
+        """The combination of ``parts``, made once per step (until another micro-batch adds a part)."""
         count, out = self.combined.get(key, (0, None))
         if count != len(parts):
             out = self.curvature.combine(what, parts)
